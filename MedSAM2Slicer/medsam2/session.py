@@ -1,0 +1,488 @@
+"""A segmentation session: one volume, prompts on any slice for any object, propagation through it.
+
+Typical use (coordinates are continuous voxel indices (i, j, k); geometry.VolumeGeometry converts
+from RAS/LPS millimetres)::
+
+    session = SegmentationSession(predictor, volume, geometry, axis="axial",
+                                  intensity=IntensityPreparation.window_preset("abdomen"))
+    session.add_points(1, [[120, 200, 40]], [1])          # a positive click on slice k=40
+    result = session.propagate()                          # both ways through the volume
+    liver = result.masks[1]                               # uint8 [k, j, i], same shape as volume
+    session.add_points(1, [[130, 210, 55]], [0])          # correction on slice 55
+    result = session.propagate()                          # no slice is encoded again
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .devices import autocast, available_memory_bytes
+from .errors import InvalidPromptError, MemoryBudgetError, PropagationCancelled
+from .features import CacheStats, SliceFeatureCache
+from .geometry import SliceLayout, VolumeGeometry
+from .intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, SlicePreparer, parse_intensity
+from .predictor import EngineVideoPredictor
+from .volume import as_3d, device_bytes, frames_to_device
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Union[Callable[[], bool], threading.Event]
+DIRECTIONS = ("both", "forward", "backward")
+
+
+@dataclass
+class SlicePreview:
+    """The model's mask on the prompted slice right after a prompt (before propagation)."""
+
+    object_id: int
+    slice_index: int
+    mask: np.ndarray  # uint8, the 2D slice as cut from the [k, j, i] array (not display-flipped)
+
+
+@dataclass
+class PropagationResult:
+    masks: dict[int, np.ndarray]  # uint8 [k, j, i] per object, the whole volume
+    probabilities: Optional[dict[int, np.ndarray]]  # float32 [k, j, i] per object when asked for
+    propagated: dict[int, tuple[int, int]]  # first and last slice each object's run covered
+    object_scores: dict[int, np.ndarray]  # SAM2 object-score logit per slice (NaN where not visited)
+    stopped_early: dict[int, list[str]] = field(default_factory=dict)  # directions ended by absence
+
+
+@dataclass
+class _SlicePrompts:
+    points: list[tuple[float, float]] = field(default_factory=list)  # frame pixels (x=col, y=row)
+    labels: list[int] = field(default_factory=list)  # 1 positive, 0 negative
+    box: Optional[tuple[float, float, float, float]] = None  # frame pixels x0, y0, x1, y1
+
+
+class SegmentationSession:
+    def __init__(
+        self,
+        predictor: EngineVideoPredictor,
+        volume: np.ndarray,
+        geometry: Optional[VolumeGeometry] = None,
+        *,
+        axis: Union[int, str] = "axial",
+        intensity: Union[IntensityPreparation, str, None] = None,
+        memory_budget_bytes: Optional[int] = None,
+        encode_batch_size: Optional[int] = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        self.predictor = predictor
+        self.device = torch.device(predictor.device)
+        self.volume = as_3d(volume)
+        self.shape: tuple[int, int, int] = tuple(self.volume.shape)  # type: ignore[assignment]
+        self.geometry = geometry or VolumeGeometry()
+        voxel_axis = self.geometry.voxel_axis_for_view(axis) if isinstance(axis, str) else int(axis)
+        if self.volume.shape[0] == 1 and geometry is None and isinstance(axis, str):
+            voxel_axis = 2  # a 2D image: its only slice is along k
+        self.layout = SliceLayout.for_axis(voxel_axis, self.geometry)
+        self.num_slices = self.layout.num_slices(self.shape)
+        self.frame_shape = self.layout.frame_shape(self.shape)
+        if isinstance(intensity, str):
+            intensity = parse_intensity(intensity)
+        self.intensity = intensity or IntensityPreparation()
+
+        if memory_budget_bytes is None:
+            # Half of what is free now: the rest is for the model, activations and the caller.
+            memory_budget_bytes = available_memory_bytes(self.device) // 2
+        volume_bytes = device_bytes(self.volume)
+        if volume_bytes > memory_budget_bytes:
+            raise MemoryBudgetError(
+                f"volume {self.shape} needs {volume_bytes / 2**30:.2f} GiB on {self.device}, over the memory "
+                f"budget of {memory_budget_bytes / 2**30:.2f} GiB; crop the volume or raise the budget"
+            )
+        self.memory_budget_bytes = memory_budget_bytes
+        self.feature_cache = SliceFeatureCache(budget_bytes=memory_budget_bytes - volume_bytes)
+        # Batched encoding pays on GPUs (fewer kernel launches, fuller tensor cores); on a CPU the
+        # encoder already saturates every core with one slice, and a batch only delays the first mask.
+        self.encode_batch_size = encode_batch_size or (8 if self.device.type == "cuda" else 1)
+
+        frames = frames_to_device(self.volume, self.layout, self.device)
+        self._prepare = SlicePreparer(frames, self.intensity, predictor.image_size, mean, std)
+        self._state = predictor.init_volume_state(
+            self._prepare_batch,
+            num_frames=self.num_slices,
+            frame_height=self.frame_shape[0],
+            frame_width=self.frame_shape[1],
+            feature_cache=self.feature_cache,
+        )
+        self._prompts: dict[int, dict[int, _SlicePrompts]] = {}
+        self._masks: dict[int, np.ndarray] = {}
+        self._probabilities: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def object_ids(self) -> list[int]:
+        return list(self._state["obj_ids"])
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self.feature_cache.stats
+
+    def _prepare_batch(self, indices: list[int]) -> torch.Tensor:
+        return self._prepare(indices)
+
+    def _to_frame(self, points_ijk: Sequence[Sequence[float]] | np.ndarray, what: str) -> tuple[int, np.ndarray]:
+        pts = np.asarray(points_ijk, dtype=float)
+        if pts.ndim == 1:
+            pts = pts[None]
+        if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) == 0:
+            raise InvalidPromptError(f"{what} must be a non-empty list of (i, j, k) voxel coordinates")
+        if not np.all(np.isfinite(pts)):
+            raise InvalidPromptError(f"{what} has a non-finite coordinate")
+        extent = np.array(self.shape[::-1], dtype=float)  # (i, j, k) sizes
+        outside = np.any((pts < -0.5) | (pts > extent - 0.5), axis=1)
+        if outside.any():
+            p = pts[np.argmax(outside)]
+            raise InvalidPromptError(
+                f"{what} at voxel ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) is outside the volume "
+                f"(i, j, k sizes {self.shape[2]}, {self.shape[1]}, {self.shape[0]})"
+            )
+        slice_coord, xy = self.layout.ijk_to_frame(pts, self.shape)
+        slices = np.unique(np.clip(np.round(slice_coord), 0, self.num_slices - 1).astype(int))
+        if len(slices) != 1:
+            raise InvalidPromptError(
+                f"{what} lie on different slices ({', '.join(map(str, slices))}); give each slice's prompts separately"
+            )
+        return int(slices[0]), xy
+
+    def _object_index(self, object_id: int) -> int:
+        if not isinstance(object_id, (int, np.integer)) or isinstance(object_id, bool):
+            raise InvalidPromptError(f"object id must be an integer, got {object_id!r}")
+        return self.predictor._obj_id_to_idx(self._state, int(object_id))
+
+    def add_points(
+        self,
+        object_id: int,
+        points_ijk: Sequence[Sequence[float]] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        *,
+        replace: bool = False,
+    ) -> SlicePreview:
+        """Positive (label 1) and negative (label 0) clicks on one slice; added to that slice's earlier
+        clicks for the object unless ``replace``."""
+        slice_index, xy = self._to_frame(points_ijk, "points")
+        labels_arr = np.asarray(labels).reshape(-1)
+        if len(labels_arr) != len(xy):
+            raise InvalidPromptError(f"{len(xy)} points but {len(labels_arr)} labels")
+        if not np.isin(labels_arr, (0, 1)).all():
+            raise InvalidPromptError("point labels must be 1 (positive) or 0 (negative)")
+        earlier = self._prompts.get(int(object_id), {}).get(slice_index)
+        prompts = _SlicePrompts() if replace or earlier is None else earlier
+        merged = _SlicePrompts(
+            points=prompts.points + [tuple(p) for p in xy.tolist()],  # type: ignore[misc]
+            labels=prompts.labels + [int(v) for v in labels_arr],
+            box=prompts.box,
+        )
+        if merged.box is None and 1 not in merged.labels and not self._was_tracked(object_id, slice_index):
+            # Negative clicks alone correct an existing mask; on a fresh slice they select nothing.
+            raise InvalidPromptError(
+                f"slice {slice_index} of object {object_id} has only negative points and no mask to correct; "
+                "add a positive point or a box"
+            )
+        self._prompts.setdefault(int(object_id), {})[slice_index] = merged
+        return self._submit_points(object_id, slice_index, merged)
+
+    def add_box(
+        self,
+        object_id: int,
+        corner_a_ijk: Sequence[float],
+        corner_b_ijk: Sequence[float],
+        points_ijk: Optional[Sequence[Sequence[float]]] = None,
+        labels: Optional[Sequence[int]] = None,
+    ) -> SlicePreview:
+        """A box given by two opposite corners on one slice (inclusive voxel indices); replaces that
+        slice's earlier prompts for the object. Optional clicks refine it."""
+        slice_index, xy = self._to_frame([corner_a_ijk, corner_b_ijk], "box corners")
+        (x0, x1), (y0, y1) = sorted(xy[:, 0]), sorted(xy[:, 1])
+        if x1 - x0 < 1e-6 or y1 - y0 < 1e-6:
+            raise InvalidPromptError(f"box on slice {slice_index} has zero area ({x1 - x0:g} x {y1 - y0:g} voxels)")
+        prompts = _SlicePrompts(box=(float(x0), float(y0), float(x1), float(y1)))
+        if points_ijk is not None:
+            point_slice, pxy = self._to_frame(points_ijk, "points")
+            if point_slice != slice_index:
+                raise InvalidPromptError(f"box is on slice {slice_index} but its points are on slice {point_slice}")
+            lab = np.asarray(labels if labels is not None else [1] * len(pxy)).reshape(-1)
+            if len(lab) != len(pxy) or not np.isin(lab, (0, 1)).all():
+                raise InvalidPromptError("box points need one label (1 or 0) per point")
+            prompts.points = [tuple(p) for p in pxy.tolist()]  # type: ignore[misc]
+            prompts.labels = [int(v) for v in lab]
+        self._prompts.setdefault(int(object_id), {})[slice_index] = prompts
+        return self._submit_points(object_id, slice_index, prompts)
+
+    def add_mask(self, object_id: int, slice_index: int, mask: np.ndarray) -> SlicePreview:
+        """A hand-drawn mask on one slice, as cut from the [k, j, i] array along the session's axis."""
+        if not 0 <= int(slice_index) < self.num_slices:
+            raise InvalidPromptError(f"mask slice {slice_index} is outside the volume (0..{self.num_slices - 1})")
+        slice_index = int(slice_index)
+        expected = self.layout.frame_shape(self.shape)
+        mask = np.asarray(mask)
+        if mask.shape != expected:
+            raise InvalidPromptError(f"mask for slice {slice_index} has shape {mask.shape}, expected {expected}")
+        if not mask.any():
+            raise InvalidPromptError(f"mask for slice {slice_index} of object {object_id} is empty")
+        frame_mask = mask[::-1] if self.layout.flip_rows else mask
+        obj_idx = self._object_index(object_id)
+        self._prompts.setdefault(int(object_id), {}).pop(slice_index, None)
+        with torch.inference_mode(), autocast(self.device):
+            _, _, video_res = self.predictor.add_new_mask(
+                self._state, slice_index, int(object_id), torch.from_numpy(np.ascontiguousarray(frame_mask != 0))
+            )
+        return self._preview(object_id, obj_idx, slice_index, video_res)
+
+    def add_mask_volume(self, object_id: int, mask: np.ndarray) -> list[int]:
+        """Every slice (along the session axis) with labelled voxels in ``mask`` becomes a mask prompt."""
+        mask = np.asarray(mask)
+        if mask.shape != self.shape:
+            raise InvalidPromptError(f"mask volume has shape {mask.shape}, expected {self.shape}")
+        other_axes = tuple(a for a in range(3) if a != self.layout.array_axis)
+        slices = np.flatnonzero(mask.any(axis=other_axes))
+        if len(slices) == 0:
+            raise InvalidPromptError(f"mask volume for object {object_id} is empty")
+        for s in slices:
+            self.add_mask(object_id, int(s), self._cut(mask, int(s)))
+        return [int(s) for s in slices]
+
+    def _cut(self, volume: np.ndarray, slice_index: int) -> np.ndarray:
+        """A slice in array orientation (what add_mask and previews use)."""
+        view = self.layout.frame(volume, slice_index)
+        return view[::-1] if self.layout.flip_rows else view
+
+    def clear_slice(self, object_id: int, slice_index: int) -> None:
+        """Remove an object's prompts on one slice (its propagated mask stays until the next run)."""
+        if int(object_id) not in self._state["obj_id_to_idx"]:
+            raise InvalidPromptError(f"unknown object id {object_id}")
+        self._prompts.get(int(object_id), {}).pop(int(slice_index), None)
+        self.predictor.clear_all_prompts_in_frame(self._state, int(slice_index), int(object_id), need_output=False)
+
+    def remove_object(self, object_id: int) -> None:
+        if int(object_id) not in self._state["obj_id_to_idx"]:
+            raise InvalidPromptError(f"unknown object id {object_id}")
+        self.predictor.remove_object(self._state, int(object_id), need_output=False)
+        self._prompts.pop(int(object_id), None)
+        self._masks.pop(int(object_id), None)
+        self._probabilities.pop(int(object_id), None)
+
+    def reset(self) -> None:
+        """Forget all prompts and results; cached slice features are kept."""
+        self.predictor.reset_state(self._state)
+        self._prompts.clear()
+        self._masks.clear()
+        self._probabilities.clear()
+
+    def _was_tracked(self, object_id: int, slice_index: int) -> bool:
+        idx = self._state["obj_id_to_idx"].get(int(object_id))
+        return idx is not None and slice_index in self._state["frames_tracked_per_obj"][idx]
+
+    def _submit_points(self, object_id: int, slice_index: int, prompts: _SlicePrompts) -> SlicePreview:
+        obj_idx = self._object_index(object_id)
+        points = np.asarray(prompts.points, dtype=np.float32).reshape(-1, 2)
+        labels = np.asarray(prompts.labels, dtype=np.int32)
+        with torch.inference_mode(), autocast(self.device):
+            # The slice's whole prompt set is sent each time (box first, as SAM2 requires).
+            _, _, video_res = self.predictor.add_new_points_or_box(
+                self._state,
+                slice_index,
+                int(object_id),
+                points=torch.from_numpy(points) if len(points) else None,
+                labels=torch.from_numpy(labels) if len(points) else None,
+                box=torch.tensor(prompts.box, dtype=torch.float32) if prompts.box is not None else None,
+                clear_old_points=True,
+            )
+        return self._preview(object_id, obj_idx, slice_index, video_res)
+
+    def _preview(self, object_id: int, obj_idx: int, slice_index: int, video_res: torch.Tensor) -> SlicePreview:
+        frame_mask = (video_res[obj_idx, 0] > 0).to(torch.uint8).cpu().numpy()
+        mask = frame_mask[::-1] if self.layout.flip_rows else frame_mask
+        return SlicePreview(int(object_id), slice_index, np.ascontiguousarray(mask))
+
+    # ------------------------------------------------------------------ propagation
+    def mask(self, object_id: int) -> np.ndarray:
+        if int(object_id) not in self._masks:
+            raise InvalidPromptError(f"object {object_id} has not been propagated")
+        return self._masks[int(object_id)]
+
+    def precompute_features(self, progress: Optional[ProgressCallback] = None) -> None:
+        """Encode every slice now (e.g. while the user is still looking for the first click)."""
+        todo = [i for i in range(self.num_slices) if i not in self.feature_cache]
+        with torch.inference_mode(), autocast(self.device):
+            for start in range(0, len(todo), self.encode_batch_size):
+                self.predictor.encode_frames(self._state, todo[start : start + self.encode_batch_size])
+                if progress:
+                    progress(min(start + self.encode_batch_size, len(todo)), len(todo))
+
+    def propagate(
+        self,
+        direction: str = "both",
+        slice_range: Optional[tuple[int, int]] = None,
+        stop_when_absent: Optional[int] = None,
+        *,
+        object_ids: Optional[Sequence[int]] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelCheck] = None,
+        probabilities: bool = False,
+    ) -> PropagationResult:
+        """Propagate each object from its first prompted slice forward, backward or both.
+
+        ``slice_range`` (inclusive) limits the run; results outside it are kept from earlier runs, so a
+        correction can re-propagate only the part of the volume it concerns. ``stop_when_absent=k`` ends
+        a direction after k consecutive slices where SAM2's object score says the object is absent; the
+        rest of that direction is cleared. Raises PropagationCancelled (leaving the previous result in
+        place) when ``cancel`` fires; it is checked before every slice.
+        """
+        if direction not in DIRECTIONS:
+            raise InvalidPromptError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        if stop_when_absent is not None and stop_when_absent < 1:
+            raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {stop_when_absent}")
+        lo, hi = self._check_range(slice_range)
+        if not self.object_ids:
+            raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
+        selected = [int(o) for o in (object_ids if object_ids is not None else self.object_ids)]
+        for o in selected:
+            if o not in self._state["obj_id_to_idx"]:
+                raise InvalidPromptError(f"unknown object id {o}")
+        is_cancelled = _cancel_check(cancel)
+
+        predictor, state = self.predictor, self._state
+        with torch.inference_mode(), autocast(self.device):
+            predictor.propagate_in_video_preflight(state)
+            starts: dict[int, int] = {}
+            for o in selected:
+                idx = predictor._obj_id_to_idx(state, o)
+                cond = [f for f in state["output_dict_per_obj"][idx]["cond_frame_outputs"] if lo <= f <= hi]
+                if not cond:
+                    raise InvalidPromptError(f"object {o} has no prompt between slices {lo} and {hi}")
+                starts[o] = min(cond)
+            passes: list[tuple[bool, list[int]]] = []
+            if direction in ("both", "forward"):
+                passes.append((False, list(range(min(starts.values()), hi + 1))))
+            if direction in ("both", "backward"):
+                passes.append((True, list(range(max(starts.values()), lo - 1, -1))))
+            total = sum(len(frames) for _, frames in passes)
+
+            new_masks = {o: self._masks.get(o, np.zeros(self.shape, np.uint8)).copy() for o in selected}
+            new_probs = (
+                {o: self._probabilities.get(o, np.zeros(self.shape, np.float32)).copy() for o in selected}
+                if probabilities
+                else None
+            )
+            scores = {o: np.full(self.num_slices, np.nan, dtype=np.float32) for o in selected}
+            covered = {o: (starts[o], starts[o]) for o in selected}
+            stopped: dict[int, list[str]] = {o: [] for o in selected}
+            done = 0
+            try:
+                for reverse, frames in passes:
+                    order = {f: n for n, f in enumerate(frames)}
+                    state["prefetch_plan"] = lambda f, fr=frames, od=order: fr[
+                        od[f] : od[f] + self.encode_batch_size
+                    ]
+                    absent_run = {o: 0 for o in selected}
+                    ended: set[int] = set()
+                    for f in frames:
+                        if is_cancelled():
+                            raise PropagationCancelled("propagation cancelled; the previous result is unchanged")
+                        for o in selected:
+                            if (f < starts[o]) if not reverse else (f > starts[o]):
+                                continue
+                            if o in ended:
+                                self._clear_frame(o, f, new_masks, new_probs)
+                                continue
+                            logits, score = self._track(o, f, reverse)
+                            self._write_frame(o, f, logits, new_masks, new_probs)
+                            scores[o][f] = score
+                            covered[o] = (min(covered[o][0], f), max(covered[o][1], f))
+                            present = score > 0 and bool((logits > 0).any())
+                            absent_run[o] = 0 if present else absent_run[o] + 1
+                            if stop_when_absent is not None and absent_run[o] >= stop_when_absent:
+                                ended.add(o)
+                                stopped[o].append("backward" if reverse else "forward")
+                        done += 1
+                        if progress:
+                            progress(done, total)
+            finally:
+                state["prefetch_plan"] = None
+
+        self._masks.update(new_masks)
+        if new_probs is not None:
+            self._probabilities.update(new_probs)
+        return PropagationResult(
+            masks={o: self._masks[o] for o in selected},
+            probabilities={o: self._probabilities[o] for o in selected} if probabilities else None,
+            propagated=covered,
+            object_scores=scores,
+            stopped_early={o: d for o, d in stopped.items() if d},
+        )
+
+    def _check_range(self, slice_range: Optional[tuple[int, int]]) -> tuple[int, int]:
+        if slice_range is None:
+            return 0, self.num_slices - 1
+        try:
+            lo, hi = (int(v) for v in slice_range)
+        except (TypeError, ValueError):
+            raise InvalidPromptError(f"slice range must be two slice indices, got {slice_range!r}") from None
+        if not (0 <= lo <= hi < self.num_slices):
+            raise InvalidPromptError(f"slice range {lo}:{hi} is outside 0:{self.num_slices - 1} or reversed")
+        return lo, hi
+
+    def _track(self, object_id: int, frame: int, reverse: bool) -> tuple[torch.Tensor, float]:
+        """One object on one slice, exactly as SAM2VideoPredictor.propagate_in_video does it."""
+        predictor, state = self.predictor, self._state
+        idx = predictor._obj_id_to_idx(state, object_id)
+        out_dict = state["output_dict_per_obj"][idx]
+        if frame in out_dict["cond_frame_outputs"]:
+            current: dict[str, Any] = out_dict["cond_frame_outputs"][frame]
+            pred_masks = current["pred_masks"].to(state["device"], non_blocking=True)
+        else:
+            current, pred_masks = predictor._run_single_frame_inference(
+                inference_state=state,
+                output_dict=out_dict,
+                frame_idx=frame,
+                batch_size=1,
+                is_init_cond_frame=False,
+                point_inputs=None,
+                mask_inputs=None,
+                reverse=reverse,
+                run_mem_encoder=True,
+            )
+            out_dict["non_cond_frame_outputs"][frame] = current
+        state["frames_tracked_per_obj"][idx][frame] = {"reverse": reverse}
+        _, video_res = predictor._get_orig_video_res_output(state, pred_masks)
+        return video_res[0, 0], float(current["object_score_logits"].reshape(-1)[0])
+
+    def _write_frame(
+        self,
+        object_id: int,
+        frame: int,
+        logits: torch.Tensor,
+        masks: dict[int, np.ndarray],
+        probs: Optional[dict[int, np.ndarray]],
+    ) -> None:
+        self.layout.frame(masks[object_id], frame)[...] = (logits > 0).to(torch.uint8).cpu().numpy()
+        if probs is not None:
+            self.layout.frame(probs[object_id], frame)[...] = torch.sigmoid(logits.float()).cpu().numpy()
+
+    def _clear_frame(
+        self, object_id: int, frame: int, masks: dict[int, np.ndarray], probs: Optional[dict[int, np.ndarray]]
+    ) -> None:
+        """A slice past the object's end: empty, and no stale memory from an earlier run left behind."""
+        self.layout.frame(masks[object_id], frame)[...] = 0
+        if probs is not None:
+            self.layout.frame(probs[object_id], frame)[...] = 0
+        idx = self.predictor._obj_id_to_idx(self._state, object_id)
+        if frame not in self._state["output_dict_per_obj"][idx]["cond_frame_outputs"]:
+            self._state["output_dict_per_obj"][idx]["non_cond_frame_outputs"].pop(frame, None)
+            self._state["frames_tracked_per_obj"][idx].pop(frame, None)
+
+
+def _cancel_check(cancel: Optional[CancelCheck]) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    return cancel
