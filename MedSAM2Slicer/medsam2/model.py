@@ -30,6 +30,12 @@ POSTPROCESSING_OVERRIDES = (
 )
 
 
+# A correction on an already-propagated slice becomes a conditioning slice, so the next propagation
+# keeps it and every slice attends to it. With sam2's default (False) the corrected slice is stored as
+# an ordinary tracked slice and the next propagation overwrites it: the radiologist's click is lost.
+ENGINE_OVERRIDES = ("++model.add_all_frames_to_correct_as_cond=true",)
+
+
 def image_size_overrides(image_size: int) -> list[str]:
     """Hydra overrides that run a packaged config at another input size (MedSAM2 runs 2.1 tiny at 512)."""
     if image_size % (BACKBONE_STRIDE * 4) != 0 or image_size < 64:
@@ -56,7 +62,7 @@ def compose_model_config(
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    overrides = [f"++model._target_={target}"]
+    overrides = [f"++model._target_={target}", *ENGINE_OVERRIDES]
     if postprocessing:
         overrides += list(POSTPROCESSING_OVERRIDES)
     if image_size is not None:

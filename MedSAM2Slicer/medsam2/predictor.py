@@ -80,7 +80,9 @@ class EngineVideoPredictor(SAM2VideoPredictor):
             feats = [lvl[b : b + 1].clone() if len(indices) > 1 else lvl for lvl in levels]
             cache.put(index, feats)
 
-    def _get_image_feature(self, inference_state, frame_idx, batch_size):  # type: ignore[override]
+    def _get_image_feature(
+        self, inference_state: dict[str, Any], frame_idx: int, batch_size: int
+    ) -> tuple[Any, ...]:
         cache: SliceFeatureCache = inference_state["feature_cache"]
         feats = cache.get(frame_idx)
         if feats is None:

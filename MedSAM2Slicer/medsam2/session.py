@@ -76,7 +76,7 @@ class SegmentationSession:
         self.predictor = predictor
         self.device = torch.device(predictor.device)
         self.volume = as_3d(volume)
-        self.shape: tuple[int, int, int] = tuple(self.volume.shape)  # type: ignore[assignment]
+        self.shape: tuple[int, int, int] = tuple(self.volume.shape)
         self.geometry = geometry or VolumeGeometry()
         voxel_axis = self.geometry.voxel_axis_for_view(axis) if isinstance(axis, str) else int(axis)
         if self.volume.shape[0] == 1 and geometry is None and isinstance(axis, str):
@@ -176,7 +176,7 @@ class SegmentationSession:
         earlier = self._prompts.get(int(object_id), {}).get(slice_index)
         prompts = _SlicePrompts() if replace or earlier is None else earlier
         merged = _SlicePrompts(
-            points=prompts.points + [tuple(p) for p in xy.tolist()],  # type: ignore[misc]
+            points=prompts.points + [tuple(p) for p in xy.tolist()],
             labels=prompts.labels + [int(v) for v in labels_arr],
             box=prompts.box,
         )
@@ -211,7 +211,7 @@ class SegmentationSession:
             lab = np.asarray(labels if labels is not None else [1] * len(pxy)).reshape(-1)
             if len(lab) != len(pxy) or not np.isin(lab, (0, 1)).all():
                 raise InvalidPromptError("box points need one label (1 or 0) per point")
-            prompts.points = [tuple(p) for p in pxy.tolist()]  # type: ignore[misc]
+            prompts.points = [tuple(p) for p in pxy.tolist()]
             prompts.labels = [int(v) for v in lab]
         self._prompts.setdefault(int(object_id), {})[slice_index] = prompts
         return self._submit_points(object_id, slice_index, prompts)
