@@ -142,7 +142,9 @@ def run_reference(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> di
 
     device = resolve_device(args.device)
     overrides = image_size_overrides(args.image_size) + list(ENGINE_OVERRIDES)
-    predictor = build_sam2_video_predictor(CONFIGS[args.model], ckpt, device=str(device), hydra_overrides_extra=overrides)
+    predictor = build_sam2_video_predictor(
+        CONFIGS[args.model], ckpt, device=str(device), hydra_overrides_extra=overrides
+    )
     positive, negative = prompts(volume.shape)
     results: dict[str, Any] = {}
 
@@ -219,13 +221,17 @@ def main() -> None:
             measured[side] = json.loads(out.strip().splitlines()[-1])
 
     ref, eng = measured["reference"], measured["engine"]
-    print(f"{args.model} at {args.image_size} px, volume {args.size}x{args.size}x{args.slices}, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.model} at {args.image_size} px, volume {args.size}x{args.size}x{args.slices}, device {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     stages = ["preparation", "encoding", "propagation", "writing", "total"]
     for run in ("first", "refinement"):
         print(f"\n{run}: {'stage':<12} {'reference s':>12} {'engine s':>10}")
         for stage in stages:
-            print(f"{'':>{len(run) + 2}}{stage:<12} {ref[run].get(stage, 0.0):>12.2f} {eng[run].get(stage, 0.0):>10.2f}")
+            print(
+                f"{'':>{len(run) + 2}}{stage:<12} {ref[run].get(stage, 0.0):>12.2f} {eng[run].get(stage, 0.0):>10.2f}"
+            )
         print(f"{'':>{len(run) + 2}}ratio reference/engine (total): {ref[run]['total'] / eng[run]['total']:.2f}x")
     print(f"\npeak memory MB: reference {ref['peak_memory_mb']:.0f}, engine {eng['peak_memory_mb']:.0f}")
     print(f"slices encoded by the engine over both runs: {eng['encoded_slices']} (volume has {args.slices})")

@@ -55,7 +55,9 @@ def overlay_montage(
             rgb[edge] = colour
         image = Image.fromarray(rgb.astype(np.uint8))
         scale = tile / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.NEAREST)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.NEAREST
+        )
         draw = ImageDraw.Draw(image)
         for mark_slice, col, row in marks:
             if mark_slice == index:

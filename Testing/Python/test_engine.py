@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from medsam2 import (
     DeviceUnavailableError,
     IntensityPreparation,
