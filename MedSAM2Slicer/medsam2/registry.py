@@ -314,6 +314,8 @@ def resolve_checkpoint(
             f"run medsam2 models download {entry.name}"
         )
     if hub.is_offline():
+        if force:
+            raise ModelError(f"cannot download {entry.name} again while HF_HUB_OFFLINE is set; unset it")
         raise ModelError(
             f"model {entry.name} is not in the model cache {cache_dir or hub.default_cache_dir()} and "
             f"HF_HUB_OFFLINE is set; run medsam2 models download {entry.name} on a machine with network "

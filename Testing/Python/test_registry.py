@@ -23,6 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# isort: split
+from medsam2 import cli_models, hub, registry
+from medsam2.errors import ModelError
+from medsam2.intensity import IntensityPreparation
+from medsam2.model import build_predictor, compose_model_config
+from medsam2.registry import DEFAULT_MODEL, get_model, list_models, load_model, resolve_checkpoint
+
+# isort: split
 from checkpoint_factory import (
     TEST_IMAGE_SIZE,
     TINY_20,
@@ -40,10 +49,6 @@ from checkpoint_factory import (
     state_dict_of,
     truncated_copy,
 )
-from medsam2 import cli_models, hub, registry
-from medsam2.errors import ModelError
-from medsam2.intensity import IntensityPreparation
-from medsam2.registry import DEFAULT_MODEL, get_model, list_models, load_model, resolve_checkpoint
 
 MEDSAM2_REPO, MEDSAM2_FILE = "wanglab/MedSAM2", "MedSAM2_latest.pt"
 MEDICAL_REPO, MEDICAL_FILE = "jiayuanz3/MedSAM2_pretrain", "MedSAM2_pretrain.pth"
@@ -127,8 +132,6 @@ def test_catalogue_matches_sam2_hub_names_and_packaged_configs():
 
 
 def test_every_entry_is_complete_and_its_config_composes():
-    from medsam2.model import compose_model_config
-
     names = [e.name for e in list_models()]
     assert len(names) == len(set(names)) and DEFAULT_MODEL in names
     expected = {
@@ -140,6 +143,8 @@ def test_every_entry_is_complete_and_its_config_composes():
         cfg = compose_model_config(entry.config, image_size=entry.image_size)
         assert cfg.model.image_size == entry.image_size
         assert isinstance(entry.intensity, IntensityPreparation)
+        for modality, _ in entry.modality_intensity:
+            assert isinstance(entry.intensity_for(modality), IntensityPreparation)
         assert entry.licence and entry.size_bytes and entry.size_bytes > 50e6
         assert entry.sha256 is None or (len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0)
         assert entry.trained_intensity
@@ -148,7 +153,6 @@ def test_every_entry_is_complete_and_its_config_composes():
 def test_medsam2_runs_sam21_tiny_at_512_with_exactly_its_two_config_changes():
     """bowang-lab's sam2.1_hiera_t512.yaml differs from the packaged 2.1 tiny config in image_size
     and the RoPE grid; the registry derives it instead of shipping a copy."""
-    from medsam2.model import compose_model_config
     from omegaconf import OmegaConf
 
     entry = get_model("medsam2-latest")
@@ -195,8 +199,6 @@ def test_names_aliases_and_unknown_names():
 
 def test_state_dict_does_not_depend_on_image_size(model21):
     """Why tests may load catalogue models at 128 px: the same keys and shapes at 1024 px."""
-    from medsam2.model import build_predictor
-
     big = build_predictor(TINY_21, image_size=1024, seed=0)
     assert {k: v.shape for k, v in big.state_dict().items()} == {
         k: v.shape for k, v in model21.state_dict().items()
@@ -234,7 +236,12 @@ def test_cached_model_needs_no_network_even_without_the_offline_flag(hub_env, fi
     """An air-gapped machine that never set HF_HUB_OFFLINE: a cached model resolves without a call."""
     place_in_hub_cache(hub_env, "facebook/sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt", files["meta21"])
     attempts = []
-    monkeypatch.setattr(socket.socket, "connect", lambda self, a: attempts.append(a) or 1 / 0)
+
+    def refuse(self, address):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
     path = resolve_checkpoint("sam2.1-tiny")
     assert path.name == "sam2.1_hiera_tiny.pt" and sha256_of(path) == sha256_of(files["meta21"])
     assert attempts == []
@@ -518,7 +525,11 @@ def test_disk_filling_up_during_download_is_one_line(fake_hub, monkeypatch):
 def test_file_missing_from_the_hub_repository(fake_hub):
     with pytest.raises(ModelError) as exc:
         resolve_checkpoint("sam2-base-plus", progress=False)
-    assert "sam2_hiera_base_plus.pt" in assert_one_line(exc)
+    text = assert_one_line(exc)
+    assert (
+        "facebook/sam2-hiera-base-plus/sam2_hiera_base_plus.pt" in text
+        and "not in the hub repository" in text
+    )
 
 
 # --- medsam2 models list|download|verify ----------------------------------------------------------
