@@ -55,7 +55,8 @@ class ModelEntry:
     """One model: where its weights are, how to build it, how its inputs were prepared in training.
 
     ``intensity`` is the preparation the model was trained with for its main modality; the per-modality
-    defaults are in ``modality_intensity`` (strings :func:`medsam2.intensity.parse_intensity` reads).
+    recipes are in ``modality_intensity`` (strings :func:`medsam2.intensity.parse_intensity` reads), and
+    ``intensity_for(modality)`` picks from them.
     ``size_bytes`` is approximate (4 bytes per float32 parameter of the config, 2 for bf16 files); the
     exact size is read from the hub before a download. ``sha256`` is the publisher's file hash where
     one is known; ``sha256_certain=False`` marks a hash quoted by a third party, reported but not
@@ -85,13 +86,17 @@ class ModelEntry:
     def intensity(self) -> IntensityPreparation:
         return parse_intensity(self.intensity_spec)
 
-    def intensity_for(self, modality: Optional[str]) -> IntensityPreparation:
-        """The training-time preparation for a DICOM modality (``CT``, ``MR``, ``US``), else the default."""
+    def intensity_for(self, modality: Optional[str]) -> Optional[IntensityPreparation]:
+        """The training-time preparation for a DICOM modality (``CT``, ``MR``, ``US``); ``*`` in the
+        table matches any modality. None when the model's recipe does not cover this modality (or the
+        modality is unknown, as for NIfTI files): the caller decides from the data, because a CT window
+        applied to an MRI would flatten it."""
         wanted = (modality or "").strip().upper()
-        for mod, spec in self.modality_intensity:
-            if mod == wanted:
-                return parse_intensity(spec)
-        return self.intensity
+        table = dict(self.modality_intensity)
+        spec = table.get(wanted) if wanted else None
+        if spec is None:
+            spec = table.get("*")
+        return parse_intensity(spec) if spec else None
 
     @property
     def is_local(self) -> bool:
@@ -353,7 +358,12 @@ def local_entry(
             "pass --config"
         )
     size = image_size or _int(meta.get("image_size")) or (base.image_size if base else None) or 1024
-    intensity = _str(meta.get("intensity")) or (base.intensity_spec if base else "minmax")
+    own_intensity = _str(meta.get("intensity"))
+    intensity = own_intensity or (base.intensity_spec if base else "minmax")
+    if own_intensity:
+        modality_intensity: tuple[tuple[str, str], ...] = (("*", own_intensity),)
+    else:
+        modality_intensity = base.modality_intensity if base else ()
     version = (loaded.sam2_version if loaded is not None else None) or (base.sam2_version if base else "?")
     return ModelEntry(
         name=f"local:{path.name}",
@@ -366,7 +376,7 @@ def local_entry(
         licence=base.licence if base else "as its author set it",
         licence_note=base.licence_note if base else "",
         size_bytes=path.stat().st_size if path.is_file() else None,
-        modality_intensity=base.modality_intensity if base else (),
+        modality_intensity=modality_intensity,
         key_mapping=base.key_mapping if base else "sam2",
         local_path=path,
     )

@@ -184,6 +184,8 @@ def test_licences_and_intensity_defaults():
     assert (ct.mode, ct.width, ct.level) == ("window", 400.0, 40.0)
     assert (mr.mode, mr.lower_percentile, mr.upper_percentile) == ("percentile", 0.5, 99.5)
     assert get_model("medsam2-mri-liver-lesion").intensity.mode == "percentile"
+    # No modality (a NIfTI file) or one the recipe does not cover: the caller decides from the data.
+    assert latest.intensity_for("") is None and latest.intensity_for("PT") is None
 
 
 def test_names_aliases_and_unknown_names():
@@ -378,7 +380,7 @@ def test_sam20_file_cached_under_a_sam21_name_is_reported(hub_env, files, no_net
 def test_local_checkpoint_config_is_recognised_from_its_weights(files, model20):
     predictor, entry = load_model(checkpoint=files["meta20"], image_size=TEST_IMAGE_SIZE)
     assert entry.config == TINY_20 and entry.sam2_version == "2.0" and entry.is_local
-    assert entry.name == "local:meta20.pt"
+    assert entry.name == "local:meta20.pt" and entry.intensity_for("CT") is None  # nothing known
     assert_same_weights(predictor, state_dict_of(model20))
 
 
@@ -393,6 +395,7 @@ def test_local_checkpoint_metadata_and_catalogue_settings(tmp_path, model21):
     _, entry = load_model(checkpoint=own)
     assert (entry.config, entry.image_size) == (TINY_21, TEST_IMAGE_SIZE)
     assert (entry.intensity.width, entry.intensity.level) == (1500.0, -600.0)
+    assert entry.intensity_for("MR") == entry.intensity  # the file's own recipe, for any modality
     # A local copy of a catalogue model keeps that model's settings and licence.
     plain = save_meta_layout(tmp_path / "copy.pt", state_dict_of(model21))
     _, entry = load_model("medsam2-latest", checkpoint=plain, image_size=TEST_IMAGE_SIZE)
