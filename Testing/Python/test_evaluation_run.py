@@ -98,9 +98,20 @@ def sharded_run(mni_msd, predictor, tmp_path_factory):
     """The dataset evaluated as two ranks would: rank 1 first, then rank 0, which merges."""
     out = tmp_path_factory.mktemp("eval") / "out"
     dataset = open_dataset(mni_msd)
-    run1 = evaluate_dataset(dataset, predictor, out, SETTINGS, model="tiny random", rank=1, world_size=2)
-    run0 = evaluate_dataset(dataset, predictor, out, SETTINGS, model="tiny random", rank=0, world_size=2)
-    return SimpleNamespace(out=out, dataset=dataset, run0=run0, run1=run1)
+    sessions = []
+
+    class RecordedSession(R.SegmentationSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    original, R.SegmentationSession = R.SegmentationSession, RecordedSession
+    try:
+        run1 = evaluate_dataset(dataset, predictor, out, SETTINGS, model="tiny random", rank=1, world_size=2)
+        run0 = evaluate_dataset(dataset, predictor, out, SETTINGS, model="tiny random", rank=0, world_size=2)
+    finally:
+        R.SegmentationSession = original
+    return SimpleNamespace(out=out, dataset=dataset, run0=run0, run1=run1, sessions=sessions)
 
 
 def final_rows(rows):
@@ -393,6 +404,13 @@ def test_ranks_split_the_cases_and_rank_zero_merges(sharded_run):
         data = plot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({plot.relative_to(sharded_run.out).as_posix()})" in summary
+
+
+def test_each_slice_is_encoded_once_per_case(sharded_run):
+    # one session per case; its labels and interaction rounds all reuse the cached slice features
+    assert len(sharded_run.sessions) == 3
+    for session in sharded_run.sessions:
+        assert session.cache_stats.encoded == session.num_slices == N_SLICES
 
 
 def test_csv_metrics_are_exact_for_the_saved_predictions(sharded_run):
