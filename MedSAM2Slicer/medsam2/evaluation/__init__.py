@@ -1,0 +1,28 @@
+"""Evaluation: the seed papers' protocols (prompts simulated from the ground truth, propagation through
+the volume) and metrics (Dice, IoU, NSD, HD95 in mm) on any labelled dataset.
+
+    from medsam2.evaluation import open_dataset, evaluate_dataset, EvaluationSettings, PromptProtocol
+    dataset = open_dataset("Task09_Spleen", labels=["spleen"])
+    settings = EvaluationSettings(PromptProtocol(prompt="box", slice_choice="middle"), intensity="abdomen")
+    run = evaluate_dataset(dataset, predictor, "results/spleen-box", settings, model="MedSAM2_latest")
+    print(run.report.summary_md.read_text())
+
+Modules: metrics (numpy/scipy only), datasets, protocols, runner, report, cli_evaluate.
+"""
+
+from .datasets import EvaluationDataset, LabelSpec, open_dataset
+from .metrics import SegmentationMetrics, compute_metrics
+from .protocols import PromptProtocol
+from .runner import EvaluationRun, EvaluationSettings, evaluate_dataset
+
+__all__ = [
+    "EvaluationDataset",
+    "EvaluationRun",
+    "EvaluationSettings",
+    "LabelSpec",
+    "PromptProtocol",
+    "SegmentationMetrics",
+    "compute_metrics",
+    "evaluate_dataset",
+    "open_dataset",
+]
