@@ -141,7 +141,8 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC", refuse_unknown: bool =
     ``refuse_unknown``: HTTP needs a user/password and C-STORE from unregistered modalities is refused,
     i.e. a PACS that does not know us.
     """
-    exe = shutil.which("Orthanc")
+    # Debian installs it in /usr/sbin, which a non-root PATH often lacks.
+    exe = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
     if exe is None:
         pytest.skip("Orthanc not installed (Debian package orthanc)")
     plugin = next((p for p in ORTHANC_DICOMWEB_PLUGINS if os.path.exists(p)), None)

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import ct_values, mni_volume, write_series
-from dicom_tools import free_port, start_orthanc
+from dicom_tools import dciodvfy_errors, free_port, start_orthanc
 from medsam2.dicom_read import read_dicom_series
 from medsam2.pacs import PacsError, c_store, find_series, pull_series, read_series_from_dicomweb, stow_rs
 from medsam2.seg_export import build_dicom_seg, write_dicom_seg
@@ -41,13 +41,15 @@ def ct(tmp_path_factory):
 def make_seg(tmp_path, series, label="Liver"):
     mask = np.zeros(series.array.shape, np.uint8)
     mask[3:9, 30:70, 20:60] = 1
-    return write_dicom_seg(
+    result = write_dicom_seg(
         tmp_path / f"{label}.dcm",
         series,
         [Segment(mask, label)],
         model_name="SAM2.1 tiny",
         checkpoint="sam2.1_hiera_tiny.pt",
     )
+    assert dciodvfy_errors(result.path) == []  # every SEG the tests write is a valid SEG
+    return result
 
 
 def stored(server, sop_uid):
@@ -88,6 +90,8 @@ def test_c_store_push(tmp_path, orthanc, ct):
     mask = np.zeros(series.array.shape, np.uint8)
     mask[2:4, 10:20, 10:20] = 1
     seg, info = build_dicom_seg(series, [Segment(mask, "Aorta")], model_name="m", checkpoint="c.pt")
+    seg.save_as(tmp_path / "aorta.dcm")
+    assert dciodvfy_errors(tmp_path / "aorta.dcm") == []
     assert c_store("127.0.0.1", orthanc.dicom_port, [seg], called_aet=orthanc.aet) == [info.sop_instance_uid]
     assert stored(orthanc, info.sop_instance_uid) is not None
 

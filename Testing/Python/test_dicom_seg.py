@@ -318,6 +318,7 @@ def test_build_without_writing_and_folder_target(tmp_path, ct_series):
         tmp_path, ct_series, [Segment(mask, "Spleen")], model_name=MODEL, checkpoint=CHECKPOINT
     )
     assert written.path == tmp_path / f"{written.sop_instance_uid}.dcm" and written.path.is_file()
+    assert dciodvfy_errors(written.path) == []
 
 
 # --- terminology -------------------------------------------------------------------------------------
