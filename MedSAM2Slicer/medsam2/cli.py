@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,13 @@ def exit_code_for(error: BaseException) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line plus a pointer to --help (exit 2), not a usage dump."""
+    """argparse, but a usage error is one line plus a pointer to --help (exit 2), not a usage dump, and
+    coordinates such as ``--point -60.5,20,110`` are values, not options (RAS x is negative on the
+    patient's right, so half of all clicks start with a minus sign)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_INPUT, f"medsam2: error: {message} (see {self.prog} --help)\n")
@@ -95,7 +102,10 @@ def _unavailable(name: str, why: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed in one line
+        return int(done.code or 0) if not isinstance(done.code, str) else EXIT_INPUT
     handler: Callable[[argparse.Namespace], Any] = getattr(args, "handler", None) or args.func
     try:
         code = handler(args)

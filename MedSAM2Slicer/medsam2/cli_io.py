@@ -3,6 +3,7 @@ maps and DICOM-SEG out. Every output is written to a temporary sibling and renam
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -11,6 +12,7 @@ import numpy as np
 
 from .errors import InvalidPromptError, InvalidVolumeError
 from .geometry import VolumeGeometry
+from .segments import Segment
 from .session import PropagationResult
 
 
@@ -23,11 +25,25 @@ class LoadedInput:
     source: str
 
 
+_SERIES_URL = re.compile(r"^(?P<base>https?://.+?)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/?$")
+
+
+def parse_series_url(url: str) -> tuple[str, str, str]:
+    """``http(s)://host/dicom-web/studies/<study UID>/series/<series UID>`` -> (service, study, series)."""
+    match = _SERIES_URL.match(url.strip())
+    if not match:
+        raise InvalidVolumeError(
+            f"DICOMweb input {url!r} must look like https://host/dicom-web/studies/<StudyUID>/series/<SeriesUID>"
+        )
+    return match["base"], match["study"], match["series"]
+
+
 def load_input(spec: str) -> LoadedInput:
     if "://" in spec:
-        from .pacs import fetch_series_from_url
+        from .pacs import read_series_from_dicomweb
 
-        series = fetch_series_from_url(spec)
+        base, study, series_uid = parse_series_url(spec)
+        series = read_series_from_dicomweb(base, series_uid, study_uid=study)
         return LoadedInput(series.array, series.geometry, series.modality, series, spec)
     path = Path(spec)
     if not path.exists():
@@ -43,12 +59,8 @@ def load_input(spec: str) -> LoadedInput:
     return LoadedInput(array, geometry, "", None, spec)
 
 
-def write_seg_nrrd_file(
-    path: Path, masks: dict[int, np.ndarray], labels: dict[int, str], geometry: VolumeGeometry
-) -> None:
-    from .labelmaps import write_seg_nrrd
-
-    write_seg_nrrd(path, {labels[o]: m for o, m in masks.items()}, geometry)
+def segments_of(masks: dict[int, np.ndarray], labels: dict[int, str]) -> list[Segment]:
+    return [Segment(mask=masks[o], label=labels[o]) for o in sorted(masks)]
 
 
 def write_output(
@@ -60,31 +72,40 @@ def write_output(
     entry: Any,
     fractional: bool = False,
 ) -> None:
-    if fmt == "seg.nrrd":
-        write_seg_nrrd_file(path, result.masks, labels, loaded.geometry)
-    elif fmt in ("nii.gz", "nrrd"):
-        from .labelmaps import write_labelmap
+    from . import labelmaps
 
-        overlapping = sum(m.astype(np.uint16) for m in result.masks.values())
-        if int(np.max(overlapping)) > 1:
-            raise InvalidPromptError(
-                f"segments overlap, which one label map cannot hold; write .seg.nrrd or .dcm, not {path.name}"
-            )
-        labelmap = np.zeros(loaded.array.shape, np.uint16)
-        for oid, mask in result.masks.items():
-            labelmap[mask > 0] = oid
-        write_labelmap(path, labelmap, loaded.geometry)
+    segments = segments_of(result.masks, labels)
+    if fmt == "seg.nrrd":
+        labelmaps.write_seg_nrrd(path, segments, loaded.geometry)
+    elif fmt == "nii.gz":
+        labelmaps.write_nifti_labelmap(path, segments, loaded.geometry)
+    elif fmt == "nrrd":
+        import SimpleITK as sitk
+
+        from .atomic import atomic_output
+
+        image = sitk.GetImageFromArray(labelmaps.labelmap_array(segments, loaded.array.shape))
+        image.SetSpacing(loaded.geometry.spacing)
+        image.SetOrigin(loaded.geometry.origin)
+        image.SetDirection(loaded.geometry.direction)
+        with atomic_output(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
     elif fmt == "dcm":
         if loaded.dicom is None:
             raise InvalidPromptError("DICOM-SEG output needs a DICOM input (a series folder or DICOMweb URL)")
         from .seg_export import write_dicom_seg
 
+        if fractional:
+            probabilities = result.probabilities or {}
+            segments = [Segment(mask=probabilities[o], label=labels[o]) for o in sorted(probabilities)]
+        local = getattr(entry, "local_path", None)
         write_dicom_seg(
             path,
             loaded.dicom,
-            {labels[o]: m for o, m in result.masks.items()},
-            probabilities={labels[o]: p for o, p in (result.probabilities or {}).items()} if fractional else None,
-            model_name=getattr(entry, "name", "local checkpoint"),
+            segments,
+            model_name=f"MedSAM2Slicer {getattr(entry, 'name', 'local checkpoint')}",
+            checkpoint=Path(local).name if local else str(getattr(entry, "filename", None) or "unknown"),
+            segmentation_type="fractional" if fractional else "binary",
         )
     else:
         raise InvalidPromptError(f"unknown output format {fmt!r}")

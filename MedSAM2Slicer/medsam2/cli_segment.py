@@ -326,7 +326,9 @@ def _row_argv(row: dict[str, Any]) -> list[str]:
 def run_batch(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest)
     base = args.output_dir or args.manifest.parent
-    case_parser = argparse.ArgumentParser(prog="manifest row", add_help=False, exit_on_error=False)
+    from .cli import _Parser
+
+    case_parser = _Parser(prog="manifest row", add_help=False)
     add_segment_options(case_parser)
     models = ModelCache()
     results: list[dict[str, Any]] = []
@@ -414,10 +416,11 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     args.output.mkdir(parents=True, exist_ok=True)
-    from .cli_io import write_seg_nrrd_file
+    from .labelmaps import write_seg_nrrd
+    from .segments import Segment
 
     seg_path = args.output / "mni152_ventricle.seg.nrrd"
-    write_seg_nrrd_file(seg_path, result.masks, {1: "left lateral ventricle"}, geometry)
+    write_seg_nrrd(seg_path, [Segment(result.masks[1], "left lateral ventricle")], geometry)
     montage_path = args.output / "mni152_ventricle_montage.png"
     k = int(round(point[2]))
     shown = overlay_montage(volume, [result.masks[1]], montage_path, geometry=geometry, marks=[(k, point[0], point[1])])

@@ -17,10 +17,11 @@ from typing import Optional
 
 import numpy as np
 import pydicom
-from medsam2.geometry import VolumeGeometry
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medsam2.geometry import VolumeGeometry
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"

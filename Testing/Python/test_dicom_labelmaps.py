@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from dicom_factory import rotation
+
 from medsam2.errors import InvalidVolumeError
 from medsam2.geometry import VolumeGeometry
 from medsam2.labelmaps import assign_layers, labelmap_array, write_nifti_labelmap, write_seg_nrrd

@@ -23,6 +23,7 @@ from dicom_factory import (
     write_enhanced,
     write_series,
 )
+
 from medsam2.dicom_read import list_dicom_series, read_dicom_series
 from medsam2.errors import InvalidVolumeError
 from medsam2.geometry import VolumeGeometry

@@ -18,9 +18,10 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from medsam2.errors import InvalidVolumeError
 from medsam2.evaluation import metrics as M
-from scipy import ndimage
 
 # The reference libraries' own deprecation notices (scipy namespaces, MONAI arguments) are not ours.
 pytestmark = [

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from medsam2.errors import InvalidPromptError, InvalidVolumeError, MedSAM2Error
 from medsam2.evaluation import EvaluationSettings, PromptProtocol, evaluate_dataset, open_dataset
 from medsam2.evaluation import protocols as P
