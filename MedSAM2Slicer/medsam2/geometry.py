@@ -98,17 +98,31 @@ class VolumeGeometry:
         return int(np.argmax(np.abs(self.direction_matrix[patient_axis, :])))
 
 
+# How each view is shown (Slicer's and radiology's convention), as LPS unit vectors for "down the rows"
+# and "along the columns": axial with anterior at the top and the patient's right on the left of the
+# screen; coronal and sagittal with the head at the top; sagittal with anterior on the left.
+_DISPLAY_AXES = {
+    2: (np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0])),  # axial: rows -> P, columns -> L
+    1: (np.array([0.0, 0.0, -1.0]), np.array([1.0, 0.0, 0.0])),  # coronal: rows -> I, columns -> L
+    0: (np.array([0.0, 0.0, -1.0]), np.array([0.0, 1.0, 0.0])),  # sagittal: rows -> I, columns -> P
+}
+
+
 @dataclass(frozen=True)
 class SliceLayout:
     """How 2D frames are cut from a ``[k, j, i]`` array along one voxel axis.
 
-    Frames keep the array's remaining axes in order (rows, columns). When the row axis points to the
-    patient's superior (coronal and sagittal slices of an axial acquisition), rows are flipped so the
-    head is at the top, as in Slicer's views: SAM2 was trained on upright images.
+    A frame is the slice as a radiologist sees it in Slicer (axial: anterior up, patient's right on the
+    left; coronal/sagittal: head up), whatever the storage order: a NIfTI stored in RAS order and a
+    DICOM series stored in LPS order give the same frames for the same anatomy. SAM2 was trained on
+    upright images, and results should not depend on how a file happened to be written. Frames are
+    numpy views (transpose and flips only), so writing into a frame writes into the volume.
     """
 
     voxel_axis: int
-    flip_rows: bool
+    flip_rows: bool = False
+    flip_cols: bool = False
+    transpose: bool = False  # frame rows run along the faster of the two remaining array axes
 
     @property
     def array_axis(self) -> int:
@@ -118,19 +132,42 @@ class SliceLayout:
     def for_axis(cls, voxel_axis: int, geometry: VolumeGeometry) -> SliceLayout:
         if voxel_axis not in (0, 1, 2):
             raise InvalidVolumeError(f"slice axis must be 0 (i), 1 (j) or 2 (k), got {voxel_axis}")
-        remaining = [a for a in (2, 1, 0) if a != voxel_axis]  # voxel axes in array order
-        row_voxel_axis = remaining[0]
-        superior_component = geometry.direction_matrix[2, row_voxel_axis]
-        return cls(voxel_axis, bool(voxel_axis != 2 and superior_component > 0.5))
+        d = geometry.direction_matrix
+        view = int(np.argmax(np.abs(d[:, voxel_axis])))  # the patient axis this slice stack runs along
+        want_rows, want_cols = _DISPLAY_AXES[view]
+        slow, fast = [a for a in (2, 1, 0) if a != voxel_axis]  # remaining voxel axes, array order
+        transpose = abs(d[:, fast] @ want_rows) > abs(d[:, slow] @ want_rows)
+        row_axis, col_axis = (fast, slow) if transpose else (slow, fast)
+        return cls(
+            voxel_axis,
+            flip_rows=bool(d[:, row_axis] @ want_rows < 0),
+            flip_cols=bool(d[:, col_axis] @ want_cols < 0),
+            transpose=bool(transpose),
+        )
 
     def frame(self, volume: np.ndarray, index: int) -> np.ndarray:
-        """A view (no copy) of slice ``index`` in frame orientation; writes go into ``volume``."""
-        f = _slice_view(volume, self.array_axis, index)
-        return f[::-1] if self.flip_rows else f
+        """A view (no copy) of slice ``index`` in display orientation; writes go into ``volume``."""
+        return self.to_frame(_slice_view(volume, self.array_axis, index))
+
+    def to_frame(self, cut: np.ndarray) -> np.ndarray:
+        """A slice as cut from the array (remaining axes in array order) -> display orientation."""
+        f = cut.T if self.transpose else cut
+        if self.flip_rows:
+            f = f[::-1]
+        if self.flip_cols:
+            f = f[:, ::-1]
+        return f
+
+    def from_frame(self, frame: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_frame`."""
+        f = frame[:, ::-1] if self.flip_cols else frame
+        if self.flip_rows:
+            f = f[::-1]
+        return f.T if self.transpose else f
 
     def frame_shape(self, shape: tuple[int, int, int]) -> tuple[int, int]:
         rest = [s for a, s in enumerate(shape) if a != self.array_axis]
-        return rest[0], rest[1]
+        return (rest[1], rest[0]) if self.transpose else (rest[0], rest[1])
 
     def num_slices(self, shape: tuple[int, int, int]) -> int:
         return int(shape[self.array_axis])
@@ -138,12 +175,14 @@ class SliceLayout:
     def ijk_to_frame(self, ijk: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(N,3) voxel indices -> (slice index per point, (N,2) frame pixel (x=col, y=row))."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
-        remaining = [a for a in (2, 1, 0) if a != self.voxel_axis]
-        rows = ijk[:, remaining[0]]
-        cols = ijk[:, remaining[1]]
+        slow, fast = [a for a in (2, 1, 0) if a != self.voxel_axis]
+        row_axis, col_axis = (fast, slow) if self.transpose else (slow, fast)
+        rows, cols = ijk[:, row_axis].copy(), ijk[:, col_axis].copy()
+        n_rows, n_cols = self.frame_shape(shape)
         if self.flip_rows:
-            n_rows = self.frame_shape(shape)[0]
             rows = (n_rows - 1) - rows
+        if self.flip_cols:
+            cols = (n_cols - 1) - cols
         return ijk[:, self.voxel_axis], np.stack([cols, rows], axis=1)
 
 

@@ -221,13 +221,13 @@ class SegmentationSession:
         if not 0 <= int(slice_index) < self.num_slices:
             raise InvalidPromptError(f"mask slice {slice_index} is outside the volume (0..{self.num_slices - 1})")
         slice_index = int(slice_index)
-        expected = self.layout.frame_shape(self.shape)
+        expected = self.layout.from_frame(np.empty(self.frame_shape, bool)).shape
         mask = np.asarray(mask)
         if mask.shape != expected:
             raise InvalidPromptError(f"mask for slice {slice_index} has shape {mask.shape}, expected {expected}")
         if not mask.any():
             raise InvalidPromptError(f"mask for slice {slice_index} of object {object_id} is empty")
-        frame_mask = mask[::-1] if self.layout.flip_rows else mask
+        frame_mask = self.layout.to_frame(mask)
         obj_idx = self._object_index(object_id)
         self._prompts.setdefault(int(object_id), {}).pop(slice_index, None)
         with torch.inference_mode(), autocast(self.device):
@@ -251,8 +251,7 @@ class SegmentationSession:
 
     def _cut(self, volume: np.ndarray, slice_index: int) -> np.ndarray:
         """A slice in array orientation (what add_mask and previews use)."""
-        view = self.layout.frame(volume, slice_index)
-        return view[::-1] if self.layout.flip_rows else view
+        return self.layout.from_frame(self.layout.frame(volume, slice_index))
 
     def clear_slice(self, object_id: int, slice_index: int) -> None:
         """Remove an object's prompts on one slice (its propagated mask stays until the next run)."""
@@ -299,7 +298,7 @@ class SegmentationSession:
 
     def _preview(self, object_id: int, obj_idx: int, slice_index: int, video_res: torch.Tensor) -> SlicePreview:
         frame_mask = (video_res[obj_idx, 0] > 0).to(torch.uint8).cpu().numpy()
-        mask = frame_mask[::-1] if self.layout.flip_rows else frame_mask
+        mask = self.layout.from_frame(frame_mask)
         return SlicePreview(int(object_id), slice_index, np.ascontiguousarray(mask))
 
     # ------------------------------------------------------------------ propagation

@@ -51,8 +51,12 @@ def device_bytes(volume: np.ndarray) -> int:
 def frames_to_device(volume: np.ndarray, layout: SliceLayout, device: torch.device) -> torch.Tensor:
     """(num_slices, rows, cols) tensor on ``device`` in the volume's own dtype where torch has it."""
     frames = np.moveaxis(volume, layout.array_axis, 0)
+    if layout.transpose:
+        frames = frames.transpose(0, 2, 1)
     if layout.flip_rows:
         frames = frames[:, ::-1]
+    if layout.flip_cols:
+        frames = frames[:, :, ::-1]
     target = _DTYPE_FOR_DEVICE.get(volume.dtype)
     frames = np.ascontiguousarray(frames, dtype=target if target is not None else volume.dtype)
     return torch.from_numpy(frames).to(device)

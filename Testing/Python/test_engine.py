@@ -77,6 +77,33 @@ def test_slice_layout_views_write_through_and_flip_superior_up():
     assert slice_index[0] == 1 and np.allclose(xy[0], [3, 1])  # k=0 is the bottom row (row 1)
 
 
+@pytest.mark.parametrize("storage", ["flipped_i_j", "transposed_i_j"])
+def test_the_same_anatomy_stored_differently_gives_the_same_segmentation(tiny_predictor, storage):
+    """A NIfTI written in RAS order and a DICOM-ordered copy of it must segment identically: frames are
+    cut in display orientation, not in storage order."""
+    a = blob_volume(shape=(10, 36, 36))
+    a[:, 5:12, 20:30] += 150  # something asymmetric, so a flip would show
+    geom_a = VolumeGeometry(spacing=(0.9, 0.9, 2.0), origin=(-10.0, 5.0, 3.0))
+    if storage == "flipped_i_j":
+        b = np.ascontiguousarray(a[:, ::-1, ::-1])
+        corner = geom_a.ijk_to_lps_matrix() @ [35, 35, 0, 1]
+        geom_b = VolumeGeometry(geom_a.spacing, tuple(corner[:3]), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+        to_a = lambda m: m[:, ::-1, ::-1]  # noqa: E731
+    else:
+        b = np.ascontiguousarray(a.transpose(0, 2, 1))
+        geom_b = VolumeGeometry(geom_a.spacing, geom_a.origin, (0, 1, 0, 1, 0, 0, 0, 0, 1))
+        to_a = lambda m: m.transpose(0, 2, 1)  # noqa: E731
+    click_lps = geom_a.ijk_to_lps_matrix() @ [24, 8, 5, 1]
+    results = []
+    for vol, geom in ((a, geom_a), (b, geom_b)):
+        s = SegmentationSession(tiny_predictor, vol, geom)
+        assert s.layout.frame(vol, 5).shape == (36, 36)
+        s.add_points(1, geom.lps_to_ijk([click_lps[:3]]), [1])
+        results.append(s.propagate().masks[1])
+    assert np.array_equal(to_a(results[1]), results[0])
+    assert 0 < results[0].sum() < results[0].size
+
+
 def test_invalid_geometry():
     with pytest.raises(InvalidVolumeError, match="spacing"):
         VolumeGeometry(spacing=(1, 0, 1))
