@@ -131,6 +131,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.currentRun = None
         self.lastSliceNode = None
         self.shortcuts = []
+        self._restoringSettings = False
+        self._dependenciesReady = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -179,10 +181,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.modelSelector.connect("currentTextChanged(QString)", self.onModelChanged)
 
-        self.initializeParameterNode()
-        self.restoreSettings()
         self.updateDependencyStatus()
-        self.updateButtons()
+        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -202,6 +202,9 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
 
     # ------------------------------------------------------------------ shortcuts and settings
     def installShortcuts(self) -> None:
@@ -233,21 +236,26 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def restoreSettings(self) -> None:
         """Model, device, window preset and engine location are remembered between sessions (the
         server token is not: QSettings is a plain-text file)."""
+        if self._parameterNode is None:
+            return
         settings = qt.QSettings()
         settings.beginGroup(SETTINGS_GROUP)
-        for name in REMEMBERED_SETTINGS:
-            value = settings.value(name)
-            if value and self._parameterNode is not None:
-                try:
-                    setattr(self._parameterNode, name, str(value))
-                except ValueError:
-                    logging.warning("MedSAM2: ignoring remembered %s=%r", name, value)
-        settings.endGroup()
-        if self._parameterNode is not None:
-            self.ui.modelSelector.currentText = self._parameterNode.model
+        self._restoringSettings = True  # each assignment below must not save the half-restored set
+        try:
+            for name in REMEMBERED_SETTINGS:
+                value = settings.value(name)
+                if value:
+                    try:
+                        setattr(self._parameterNode, name, str(value))
+                    except ValueError:
+                        logging.warning("MedSAM2: ignoring remembered %s=%r", name, value)
+        finally:
+            self._restoringSettings = False
+            settings.endGroup()
+        self.ui.modelSelector.currentText = self._parameterNode.model
 
     def saveSettings(self) -> None:
-        if self._parameterNode is None:
+        if self._parameterNode is None or self._restoringSettings:
             return
         settings = qt.QSettings()
         settings.beginGroup(SETTINGS_GROUP)
@@ -273,6 +281,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
+        self.restoreSettings()  # the user's latest model/device/window, also for a new scene
 
     def setParameterNode(self, inputParameterNode: Optional[MedSAM2SlicerParameterNode]) -> None:
         if self._parameterNode:
@@ -301,8 +310,15 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSelector.setCurrentNode(node)
 
     def onSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode is not None:
-            self._parameterNode.segmentId = segmentId or ""
+        """Points on screen belong to the current segment: a switch clears them (the engine keeps each
+        segment's earlier prompts, so its next propagation still builds on them)."""
+        p = self._parameterNode
+        if p is None or (segmentId or "") == p.segmentId:
+            return
+        p.segmentId = segmentId or ""
+        for node in (p.positivePoints, p.negativePoints, p.boxRoi):
+            if node:
+                node.RemoveAllControlPoints()
 
     # ------------------------------------------------------------------ state shown in the panel
     def updateButtons(self) -> None:
@@ -311,7 +327,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         busy = self.worker is not None and self.worker.busy
         ready = self._parameterNode is not None and self._parameterNode.inputVolume is not None
         self.ui.applyButton.text = _("Cancel (Esc)") if busy else _("Propagate (Enter)")
-        self.ui.applyButton.enabled = busy or (ready and self.dependenciesReady())
+        self.ui.applyButton.enabled = busy or (ready and self._dependenciesReady)
         for widget in (self.ui.positivePointButton, self.ui.negativePointButton, self.ui.boxButton):
             widget.enabled = ready and not busy
         segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
@@ -340,6 +356,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         }
         if state in labels:
             self.setStatus(labels[state])
+        if state == WorkerState.CANCELLED:
+            self.currentRun = None
         self.ui.progressBar.visible = self.worker.busy
         if state == WorkerState.PREPARING:
             self.ui.progressBar.setRange(0, 0)  # busy indicator until slices are counted
@@ -371,9 +389,10 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onWorkerFailure(self, message: str) -> None:
-        self.currentRun = None
+        run, self.currentRun = self.currentRun, None
         self.setStatus(message, error=True)
-        slicer.util.errorDisplay(_("MedSAM2: {message}").format(message=message))
+        if run is None or run.request is not None:  # a failed preview only shows in the status line
+            slicer.util.errorDisplay(_("MedSAM2: {message}").format(message=message))
         self.updateButtons()
 
     def onTimer(self) -> None:
@@ -391,11 +410,11 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editor.saveStateForUndo()
 
     # ------------------------------------------------------------------ dependencies
-    def dependenciesReady(self) -> bool:
-        return not dependencies.plan_installation().needed
-
     def updateDependencyStatus(self) -> None:
+        """Checked when the panel opens and after an installation (not on every click: it scans the
+        installed packages)."""
         plan = dependencies.plan_installation()
+        self._dependenciesReady = not plan.needed
         self.ui.dependencyFrame.visible = plan.needed
         if plan.needed:
             self.ui.dependencyStatusLabel.text = "\n".join(plan.reasons)
@@ -505,6 +524,9 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return core.voxelAxisForView(volume, choice.lower())
         if self.lastSliceNode is not None:
             return core.sliceAxisForSliceNode(volume, self.lastSliceNode)
+        box = self._parameterNode.boxRoi
+        if box is not None and box.GetNumberOfDefinedControlPoints():
+            return core.voxelAxisForRoi(volume, box)
         return core.voxelAxisForView(volume, "axial")
 
     def currentSliceNode(self):
@@ -605,16 +627,18 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return MedSAM2SlicerParameterNode(super().getParameterNode())
 
-    def core(self, engineLocation: str = "local", serverUrl: str = "", token: str = ""):
+    def core(self, engineLocation: Optional[str] = None, serverUrl: str = "", token: str = ""):
+        """The core logic; with ``engineLocation`` given, switched to that engine first (undo kept)."""
         from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic as CoreLogic
 
-        key = (engineLocation, serverUrl, token) if engineLocation == "remote" else ("local",)
         if self._core is None:
-            self._core = CoreLogic(self._makeEngine(*key) if key[0] == "remote" else None)
-            self._engineKey = key
-        elif key != self._engineKey:
-            self._core.setEngine(self._makeEngine(*key) if key[0] == "remote" else self._localEngine())
-            self._engineKey = key
+            self._core = CoreLogic(self._localEngine())
+            self._engineKey = ("local",)
+        if engineLocation is not None:
+            key = (engineLocation, serverUrl, token) if engineLocation == "remote" else ("local",)
+            if key != self._engineKey:
+                self._core.setEngine(self._makeEngine(*key) if key[0] == "remote" else self._localEngine())
+                self._engineKey = key
         return self._core
 
     @staticmethod

@@ -306,6 +306,14 @@ class MedSAM2SlicerLogic:
         sliceToRas = arrayFromVtkMatrix(sliceNode.GetSliceToRAS())
         return self.voxelAxisForView(volumeNode, sliceToRas[:3, 2])
 
+    def voxelAxisForRoi(self, volumeNode: Any, roiNode: Any) -> int:
+        """The voxel axis a box was drawn across: an ROI placed in a slice view is thinnest along that
+        view's normal (its own axes follow the view, also in a reformatted one)."""
+        nodeToWorldMatrix(roiNode, "ROI")
+        objectToWorld = arrayFromVtkMatrix(roiNode.GetObjectToWorldMatrix())
+        thinnest = int(np.argmin(np.asarray(roiNode.GetSize(), dtype=float)))
+        return self.voxelAxisForView(volumeNode, objectToWorld[:3, thinnest])
+
     def sliceIndexForSliceNode(self, volumeNode: Any, sliceNode: Any, axis: int) -> int:
         """The slice (along ``axis``) under the centre of the slice view."""
         centre = arrayFromVtkMatrix(sliceNode.GetSliceToRAS())[:3, 3]

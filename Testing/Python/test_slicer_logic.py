@@ -358,6 +358,14 @@ def test_box_roi_becomes_inclusive_voxel_corners_on_its_slice(scene):
     a, b = logic.roiBoxIjk(volume, roi, axis=2)
     np.testing.assert_allclose(a, [4, 6, 9])
     np.testing.assert_allclose(b, [20, 30, 9])
+    assert logic.voxelAxisForRoi(volume, roi) == 2  # thin along k: drawn in an axial view
+
+    # The same box drawn in a coronal view of the coronally acquired volume: thin along its k axis.
+    coronal = scene.add_volume(CASES["coronal"]["matrix"])
+    roi.SetSize(30.0, 0.0, 40.0)
+    assert logic.voxelAxisForRoi(coronal, roi) == 2
+    roi.SetSize(30.0, 40.0, 0.0)  # axial
+    assert logic.voxelAxisForRoi(coronal, roi) == 1
 
 
 # --------------------------------------------------------------------------- writing rules
@@ -471,6 +479,33 @@ def test_propagating_one_segment_never_changes_another(scene, engine):
     assert np.logical_and(new, liver).any(), "test needs the new segment to overlap the finished one"
     np.testing.assert_array_equal(scene.read(segmentation, finished, volume), liver)
     assert run.objectId != logic.objectIdFor(segmentation, finished)
+
+
+def test_segments_sharing_a_labelmap_layer_are_read_and_written_separately(scene):
+    volume = scene.add_volume(CASES["coronal"]["matrix"])
+    logic = MedSAM2SlicerLogic(engine=LocalEngineClient(predictor_loader=lambda *a: None))
+    segmentation = logic.createSegmentationNode(volume)
+    first, second = logic.addSegment(segmentation, volume), logic.addSegment(segmentation, volume)
+    a = np.zeros(SHAPE, np.uint8)
+    a[2:10, 5:15, 5:15] = 1
+    b = np.zeros(SHAPE, np.uint8)
+    b[12:20, 20:30, 20:30] = 1
+    scene.paint(segmentation, first, volume, a)
+    scene.paint(segmentation, second, volume, b)
+    layers = segmentation.GetSegmentation()
+    layers.CollapseBinaryLabelmaps(False)  # what Slicer does to save memory: one layer, two label values
+    assert layers.GetLayerIndex(first) == layers.GetLayerIndex(second), (
+        "disjoint segments should share a layer"
+    )
+    np.testing.assert_array_equal(logic.segmentArray(segmentation, first, volume), a)
+    np.testing.assert_array_equal(logic.segmentArray(segmentation, second, volume), b)
+    np.testing.assert_array_equal(logic.segmentSliceMask(segmentation, second, volume, 2, 15), b[15])
+
+    c = np.zeros(SHAPE, np.uint8)
+    c[:, 30:35, 0:4] = 1  # replaces the second segment everywhere
+    logic.writeSegmentRange(segmentation, second, volume, c, 1, 0, SHAPE[1] - 1)
+    np.testing.assert_array_equal(scene.read(segmentation, second, volume), c)
+    np.testing.assert_array_equal(scene.read(segmentation, first, volume), a)
 
 
 def test_undo_restores_the_segment_before_each_propagation(scene, engine):
