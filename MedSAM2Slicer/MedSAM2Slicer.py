@@ -649,12 +649,8 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _makeEngine(location: str, serverUrl: str, token: str):
-        from medsam2.errors import MedSAM2Error
+        from MedSAM2SlicerLib.engine_client import RemoteEngineClient
 
-        try:
-            from MedSAM2SlicerLib.remote_client import RemoteEngineClient
-        except ImportError:
-            raise MedSAM2Error("this version has no remote engine client; choose the local engine") from None
         return RemoteEngineClient(serverUrl, token)
 
     def reset(self) -> None:

@@ -11,6 +11,7 @@ keep their earlier prompts, so a refinement on a new slice adds to what was ther
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Union[Callable[[], bool], threading.Event]
@@ -157,25 +160,23 @@ def model_names() -> list[str]:
     return [entry.name for entry in list_models()]
 
 
-class LocalEngineClient(EngineClient):
-    """The engine in this process. Predictors are cached per (model, device): building one takes seconds
-    and re-building it for every run is what made earlier plugins slow."""
+class SessionEngineClient(EngineClient):
+    """Shared by both engines: the engine's session objects (in-process SegmentationSession or
+    medsam2.remote.RemoteSession, which has the same methods and errors) kept by id. Subclasses only
+    say how a session is opened and closed."""
 
-    def __init__(self, predictor_loader: Optional[PredictorLoader] = None) -> None:
-        self._loader = predictor_loader or default_predictor_loader
-        self._predictors: dict[tuple[str, str], Any] = {}
+    def __init__(self) -> None:
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def describe(self) -> str:
-        return "in-process engine"
+    @abstractmethod
+    def _open_session(
+        self, volume: np.ndarray, geometry: Any, options: SessionOptions, progress: Optional[ProgressCallback]
+    ) -> Any:
+        """A new engine session for the volume."""
 
-    def predictor(self, model: str, device: str, progress: Optional[ProgressCallback] = None) -> Any:
-        key = (model, device)
-        with self._lock:
-            if key not in self._predictors:
-                self._predictors[key] = self._loader(model, device, progress)
-            return self._predictors[key]
+    def _close(self, session: Any) -> None:
+        """Release an engine session (nothing to do in-process: memory goes with the object)."""
 
     def create_session(
         self,
@@ -184,17 +185,7 @@ class LocalEngineClient(EngineClient):
         options: SessionOptions,
         progress: Optional[ProgressCallback] = None,
     ) -> str:
-        from medsam2.session import SegmentationSession
-
-        predictor = self.predictor(options.model, options.device, progress)
-        session = SegmentationSession(
-            predictor,
-            volume,
-            geometry,
-            axis=int(options.axis),
-            intensity=options.intensity,
-            memory_budget_bytes=options.memory_budget_bytes,
-        )
+        session = self._open_session(volume, geometry, options, progress)
         session_id = uuid.uuid4().hex
         with self._lock:
             self._sessions[session_id] = session
@@ -287,4 +278,84 @@ class LocalEngineClient(EngineClient):
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._close(session)
+
+
+class LocalEngineClient(SessionEngineClient):
+    """The engine in this process. Predictors are cached per (model, device): building one takes seconds
+    and re-building it for every run is what made earlier plugins slow."""
+
+    def __init__(self, predictor_loader: Optional[PredictorLoader] = None) -> None:
+        super().__init__()
+        self._loader = predictor_loader or default_predictor_loader
+        self._predictors: dict[tuple[str, str], Any] = {}
+
+    def describe(self) -> str:
+        return "in-process engine"
+
+    def predictor(self, model: str, device: str, progress: Optional[ProgressCallback] = None) -> Any:
+        key = (model, device)
+        with self._lock:
+            if key not in self._predictors:
+                self._predictors[key] = self._loader(model, device, progress)
+            return self._predictors[key]
+
+    def _open_session(
+        self, volume: np.ndarray, geometry: Any, options: SessionOptions, progress: Optional[ProgressCallback]
+    ) -> Any:
+        from medsam2.session import SegmentationSession
+
+        return SegmentationSession(
+            self.predictor(options.model, options.device, progress),
+            volume,
+            geometry,
+            axis=int(options.axis),
+            intensity=options.intensity,
+            memory_budget_bytes=options.memory_budget_bytes,
+        )
+
+
+class RemoteEngineClient(SessionEngineClient):
+    """An inference server (``medsam2 serve``) at ``url``: the volume is uploaded once per session, the
+    server's GPU does the work, masks come back compressed. The server chooses the device."""
+
+    def __init__(self, url: str, token: str, ca_file: Optional[str] = None, verify_tls: bool = True) -> None:
+        super().__init__()
+        from medsam2.errors import InvalidPromptError
+
+        if not url.strip():
+            raise InvalidPromptError(
+                "no server URL; enter the inference server's address (e.g. https://host:8765)"
+            )
+        if not token.strip():
+            raise InvalidPromptError("no server token; enter the access token of the inference server")
+        self.url, self._token = url.strip(), token.strip()
+        self.ca_file, self.verify_tls = ca_file, verify_tls
+
+    def describe(self) -> str:
+        return f"server {self.url}"
+
+    def _open_session(
+        self, volume: np.ndarray, geometry: Any, options: SessionOptions, progress: Optional[ProgressCallback]
+    ) -> Any:
+        from medsam2.remote import RemoteSession
+
+        return RemoteSession(
+            self.url,
+            self._token,
+            volume,
+            geometry,
+            axis=int(options.axis),
+            intensity=options.intensity,
+            model=options.model,
+            ca_file=self.ca_file,
+            verify_tls=self.verify_tls,
+        )
+
+    def _close(self, session: Any) -> None:
+        try:
+            session.close()
+        except Exception as exc:  # an unreachable server must not stop the panel from moving on
+            logger.warning("could not close the server session: %s", exc)

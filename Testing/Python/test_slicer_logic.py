@@ -10,7 +10,10 @@ tests check where masks go and what is left untouched, never how good they are.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
+import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -823,6 +826,70 @@ def test_engine_client_groups_prompts_per_slice(predictor):
         engine.add_prompts(session_id, 1, PromptBundle(boxes=[box, box]))
     engine.close_session(session_id)
     assert not engine.has_session(session_id)
+
+
+@contextlib.contextmanager
+def _serve(app):
+    """The inference server app on a free loopback port, in a thread (as ``medsam2 serve`` runs it)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1500):
+            if server.started or not thread.is_alive():
+                break
+            threading.Event().wait(0.02)
+        assert server.started, "the inference server did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def test_remote_engine_puts_the_same_voxels_in_the_segment_as_the_local_one(scene, predictor):
+    create_app = pytest.importorskip(
+        "medsam2.server.app", reason="no inference server (medsam2.server) here"
+    ).create_app
+    settings = pytest.importorskip("medsam2.server.settings", reason="no inference server here")
+    pytest.importorskip("uvicorn", reason="uvicorn (the server's HTTP runtime) is not installed")
+    from MedSAM2SlicerLib.engine_client import RemoteEngineClient
+
+    token = secrets.token_urlsafe(32)
+    app = create_app(
+        settings.ServerSettings(token=token, models=("tiny-test",), memory_budget_bytes=256 << 20),
+        lambda name: predictor,
+    )
+    volume = scene.add_volume(CASES["oblique"]["matrix"])
+    world = CASES["oblique"]["matrix"]
+    points = scene.add_points(world[:3, :3] @ np.array([15.0, 18.0, 10.0]) + world[:3, 3])
+    options = SessionOptions(model="tiny-test", device="cpu", intensity="abdomen", axis=2)
+    segments = []
+    with _serve(app) as url:
+        for engine in (
+            LocalEngineClient(predictor_loader=lambda *a: predictor),
+            RemoteEngineClient(url, token),
+        ):
+            logic = MedSAM2SlicerLogic(engine)
+            segmentation = logic.createSegmentationNode(volume)
+            segment = logic.addSegment(segmentation, volume)
+            prompts = logic.collectPrompts(volume, 2, positiveNode=points)
+            run = logic.prepareRun(
+                volume, segmentation, segment, options, prompts, PropagationRequest(sliceRange=(4, 16))
+            )
+            worker, written, failures = _run(logic, run)
+            assert worker.state == WorkerState.DONE, failures
+            assert written == (4, 16)
+            segments.append(scene.read(segmentation, segment, volume))
+            logic.closeSession()
+            assert not engine.has_session(run.handle.sessionId)
+        with pytest.raises(Exception, match="no server token"):
+            RemoteEngineClient(url, " ")
+    np.testing.assert_array_equal(segments[1], segments[0])
 
 
 # --------------------------------------------------------------------------- dependencies
