@@ -291,13 +291,16 @@ class LocalEngineClient(SessionEngineClient):
         super().__init__()
         self._loader = predictor_loader or default_predictor_loader
         self._predictors: dict[tuple[str, str], Any] = {}
+        # Its own lock: loading may download for minutes, and the GUI thread must still be able to
+        # ask has_session() meanwhile.
+        self._predictor_lock = threading.Lock()
 
     def describe(self) -> str:
         return "in-process engine"
 
     def predictor(self, model: str, device: str, progress: Optional[ProgressCallback] = None) -> Any:
         key = (model, device)
-        with self._lock:
+        with self._predictor_lock:
             if key not in self._predictors:
                 self._predictors[key] = self._loader(model, device, progress)
             return self._predictors[key]

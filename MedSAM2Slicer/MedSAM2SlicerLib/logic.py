@@ -665,8 +665,8 @@ class MedSAM2SlicerLogic:
 
     def _restore(self, segmentationNode: Any, record: _UndoRecord) -> Optional[_UndoRecord]:
         segmentation = segmentationNode.GetSegmentation()
-        if segmentation.GetSegment(record.segmentId) is None:
-            logger.warning("segment %s was deleted; its undo step is dropped", record.segmentId)
+        if segmentation.GetSegment(record.segmentId) is None or record.volumeNode.GetScene() is None:
+            logger.warning("segment %s or its volume was deleted; its undo step is dropped", record.segmentId)
             return None
         volumeNode = record.volumeNode
         current = self.segmentArray(segmentationNode, record.segmentId, volumeNode)
