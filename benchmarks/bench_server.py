@@ -83,7 +83,7 @@ def one_session(url: str, token: str, volume: np.ndarray, timings: dict[str, lis
     t5 = time.perf_counter()
     session.close()
     t6 = time.perf_counter()
-    for step, seconds in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t0)):
+    for step, seconds in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t0), strict=True):
         timings[step].append(seconds)
 
 

@@ -16,7 +16,8 @@ this runs inside Slicer's Python with nothing to install.
 Errors are one line, as everywhere in the engine: the engine's own classes for bad input
 (InvalidPromptError, InvalidVolumeError, ...), and RemoteError subclasses for the connection:
 ServerUnavailableError (refused, unreachable, TLS), AuthenticationError (token), ServerBusyError (503,
-with ``retry_after``), SessionExpiredError (idle expiry or a server restart).
+with ``retry_after``), SessionExpiredError (idle expiry or a server restart), SessionBusyError (a
+propagation is already running on it).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class ServerBusyError(RemoteError):
 
 class SessionExpiredError(RemoteError):
     """The session is gone from the server (idle expiry, closed, or a server restart)."""
+
+
+class SessionBusyError(RemoteError):
+    """The session is running a propagation (or another request): wait for it or cancel it."""
 
 
 _ENGINE_ERRORS: dict[str, type[MedSAM2Error]] = {
@@ -202,6 +207,8 @@ class ServerConnection:
             return ServerBusyError(f"the MedSAM2 server at {self.url} is busy: {detail}{hint}", retry_after)
         if kind == "SessionNotFoundError":
             return SessionExpiredError(detail)
+        if kind == "SessionBusyError":
+            return SessionBusyError(detail)
         if kind in _ENGINE_ERRORS:
             return _ENGINE_ERRORS[kind](detail)
         if status == 400:
@@ -373,8 +380,12 @@ class RemoteSession:
     def __enter__(self) -> RemoteSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.close()
+        except RemoteError:
+            if exc_type is None:
+                raise  # else the error that ended the block is the one to report
 
     # ------------------------------------------------------------------ plumbing
     def _path(self, suffix: str = "") -> str:

@@ -13,8 +13,10 @@ import ipaddress
 import json
 import secrets
 import socket
+import sys
 import threading
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,13 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from medsam2.errors import InvalidPromptError, InvalidVolumeError, MedSAM2Error, PropagationCancelled
+from medsam2.errors import (
+    InvalidPromptError,
+    InvalidVolumeError,
+    MedSAM2Error,
+    ModelError,
+    PropagationCancelled,
+)
 from medsam2.geometry import VolumeGeometry
 from medsam2.model import build_predictor
 from medsam2.remote import (
@@ -34,6 +42,7 @@ from medsam2.remote import (
     RemoteSession,
     ServerBusyError,
     ServerUnavailableError,
+    SessionBusyError,
     SessionExpiredError,
 )
 from medsam2.server import serve, wire
@@ -52,7 +61,7 @@ WAIT = 120.0  # bound on any wait for a background run (a guard against hangs, n
 def _phantom(shape, centre, radii, inside, outside, noise, seed, dtype) -> np.ndarray:
     rng = np.random.default_rng(seed)
     grid = np.indices(shape, dtype=float)
-    d = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
+    d = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True))
     return (np.where(d <= 1, inside, outside) + rng.normal(0, noise, shape)).astype(dtype)
 
 
@@ -299,7 +308,7 @@ def test_server_refuses_to_start_without_a_strong_token(predictor, tmp_path):
         create_app(ServerSettings(token=TOKEN, tls_certfile=str(token_file)), factory)
 
 
-def test_default_bind_is_loopback_and_serve_command_reports_bad_settings(monkeypatch, capsys):
+def test_default_bind_is_loopback_and_the_serve_command(predictor, monkeypatch, capsys, tmp_path):
     assert ServerSettings().host == "127.0.0.1" and ServerSettings().loopback_only
     assert not ServerSettings(host="0.0.0.0").loopback_only
     parser = argparse.ArgumentParser(prog="medsam2")
@@ -307,20 +316,55 @@ def test_default_bind_is_loopback_and_serve_command_reports_bad_settings(monkeyp
     args = parser.parse_args(["serve", "--model", MODEL])
     assert args.host == "127.0.0.1" and args.func is serve.run_server
 
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-    assert serve.main(["--model", MODEL, "--no-preload"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("medsam2 serve: error: no API token") and "\n" not in err and "Traceback" not in err
+    # The registry is stood in for (its own tests cover it): this checks the server's use of it.
+    registry = types.ModuleType("medsam2.registry")
+    registry.DEFAULT_MODEL = "registry-default"  # type: ignore[attr-defined]
+    loads: list[tuple[Any, ...]] = []
 
-    monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    assert serve.main(["--no-preload"]) == 2
-    assert "--model" in capsys.readouterr().err
+    def load_model(name=None, checkpoint=None, config=None, image_size=None, device="cpu"):
+        if name == "missing":
+            raise ModelError("unknown model 'missing'; see medsam2 models list")
+        loads.append((name, checkpoint, config, image_size, str(device)))
+        return predictor, object()
 
+    registry.load_model = load_model  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "medsam2.registry", registry)
     started: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
-    assert serve.main(["--model", MODEL, "--no-preload", "--max-sessions", "2", "--device", "cpu"]) == 0
-    assert started["host"] == "127.0.0.1" and started["ssl_certfile"] is None
-    assert started["app"].state.settings.max_sessions == 2
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert serve.main(["--model", MODEL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medsam2 serve: error: no API token") and "\n" not in err and "Traceback" not in err
+    assert not started
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    assert serve.main(["--device", "cpu", "--max-sessions", "2"]) == 0
+    assert started["host"] == "127.0.0.1" and started["port"] == 8765 and started["ssl_certfile"] is None
+    settings = started["app"].state.settings
+    assert settings.models == ("registry-default",) and settings.max_sessions == 2
+    assert loads == [("registry-default", None, None, None, "cpu")]  # loaded before serving
+
+    checkpoint = tmp_path / "my_finetune.pt"
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        "configs/x.yaml",
+        "--image-size",
+        "512",
+        "--device",
+        "cpu",
+    ]
+    assert serve.main(argv) == 0
+    assert started["app"].state.settings.models == ("my_finetune",)
+    assert loads[-1] == (None, str(checkpoint), "configs/x.yaml", 512, "cpu")
+
+    assert serve.main(["--model", "missing", "--device", "cpu"]) == 3  # the command line's "model" exit code
+    assert "unknown model 'missing'" in capsys.readouterr().err
+    assert serve.main(["--checkpoint", "a.pt", "--model", "a", "--model", "b"]) == 2
+    assert serve.main(["--model", MODEL, "--tls-cert", str(checkpoint)]) == 2
+    assert "both a certificate" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- limits
@@ -440,7 +484,7 @@ def test_prompts_propagation_and_correction_equal_the_in_process_engine(predicto
         sid = r.json()["session_id"]
         assert r.json()["num_slices"] == 6 and r.json()["shape"] == [6, 40, 48]
 
-        for prompt, expected in zip(case.prompts, ref["previews"]):
+        for prompt, expected in zip(case.prompts, ref["previews"], strict=True):
             kind, obj, *args = prompt
             body = (
                 _points_body(obj, *args)
@@ -673,7 +717,7 @@ def test_two_remote_clients_at_once_get_the_in_process_masks(predictor, cases):
         assert got["encoded"] == (got["num_slices"], got["num_slices"])  # correction: no re-encoding
         assert got["object_ids"] == sorted(ref["masks"])
         assert progress[name] and progress[name][-1][0] == progress[name][-1][1]
-        assert all(d1 <= d2 for (d1, _), (d2, _) in zip(progress[name], progress[name][1:]))
+        assert all(d1 <= d2 for (d1, _), (d2, _) in zip(progress[name][:-1], progress[name][1:], strict=True))
     assert results["b"]["num_slices"] == 7  # case b was cut coronally, along j
 
 
@@ -684,7 +728,7 @@ def _assert_same(got: Any, expected: Any) -> None:
             np.testing.assert_array_equal(got[key], expected[key])
     elif isinstance(expected, list):
         assert len(got) == len(expected)
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             np.testing.assert_array_equal(g, e)
     else:
         np.testing.assert_array_equal(got, expected)
@@ -764,6 +808,8 @@ def test_remote_cancel_leaves_the_previous_masks(predictor, cases):
         worker.start()
         try:
             assert gate.paused.wait(WAIT)
+            with pytest.raises(SessionBusyError, match="cancel it"):
+                session.add_points(1, [[20, 3, 18]], [1])  # from another thread while it propagates
             stop.set()  # the client notices on its next poll and cancels on the server
             run_state = app.state.manager.get(session.session_id).run
             deadline = time.monotonic() + WAIT

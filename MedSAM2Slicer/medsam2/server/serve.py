@@ -12,10 +12,12 @@ so the rest of the command line works without the ``server`` extra.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -62,8 +64,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="models",
         action="append",
         metavar="NAME",
-        help="model to serve, by registry name; repeat for several (the first is the default)",
+        help="model to serve, by registry name; repeat for several (the first is the default); "
+        "default: the registry's default model",
     )
+    model.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="serve a local checkpoint (e.g. a fine-tuned model) under the name --model gives "
+        "(default: the file's name)",
+    )
+    model.add_argument(
+        "--config", metavar="YAML", help="model config for --checkpoint (packaged name or file)"
+    )
+    model.add_argument("--image-size", type=int, help="model input size for --checkpoint")
     model.add_argument("--device", default=defaults.device, help="auto, cuda, cuda:N, mps or cpu")
     model.add_argument(
         "--no-preload", action="store_true", help="load models on first use instead of at start"
@@ -126,22 +139,49 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def registry_predictor_factory(device: torch.device) -> Any:
-    """Models by name through the model registry (``medsam2.registry.load_model``)."""
+def _registry() -> Any:
+    try:
+        return importlib.import_module("medsam2.registry")
+    except ImportError as exc:
+        raise ModelError(f"the model registry cannot be imported ({exc}); reinstall medsam2slicer") from None
+
+
+def served_models(args: argparse.Namespace) -> tuple[str, ...]:
+    """The names clients may ask for: --model names, the checkpoint's name, or the registry's default."""
+    names = tuple(args.models or ())
+    if getattr(args, "checkpoint", None):
+        if len(names) > 1:
+            raise ServerConfigError(
+                "with --checkpoint the server serves that one model; give at most one --model"
+            )
+        return names or (Path(args.checkpoint).stem,)
+    default = getattr(_registry(), "DEFAULT_MODEL", None)
+    if not names and not default:
+        raise ServerConfigError("name the model(s) to serve with --model NAME (see `medsam2 models list`)")
+    return names or (str(default),)
+
+
+def registry_predictor_factory(
+    device: torch.device,
+    checkpoint: Optional[str] = None,
+    checkpoint_name: Optional[str] = None,
+    config: Optional[str] = None,
+    image_size: Optional[int] = None,
+) -> Callable[[str], EngineVideoPredictor]:
+    """Models by name through the model registry; ``checkpoint_name`` is served from a local file."""
 
     def factory(name: str) -> EngineVideoPredictor:
-        try:
-            registry = importlib.import_module("medsam2.registry")
-        except ImportError as exc:
-            raise ModelError(
-                f"the model registry cannot be imported ({exc}); reinstall medsam2slicer"
-            ) from None
-        load = getattr(registry, "load_model", None)
+        load = getattr(_registry(), "load_model", None)
         if load is None:
             raise ModelError(
                 "this medsam2 installation's registry has no load_model(); reinstall medsam2slicer"
             )
-        return load(name, device=device)
+        if checkpoint is not None and name == checkpoint_name:
+            loaded = load(None, checkpoint=checkpoint, config=config, image_size=image_size, device=device)
+        else:
+            loaded = load(name, device=device)
+        # load_model returns (predictor, the registry entry it loaded).
+        return loaded[0] if isinstance(loaded, tuple) else loaded
 
     return factory
 
@@ -150,13 +190,9 @@ def run_server(args: argparse.Namespace) -> int:
     """Start serving; returns an exit code with a one-line message for bad settings (the command
     line's codes: 2 bad settings, 3 model unavailable, 4 device unavailable)."""
     try:
-        settings = settings_from_args(args)
+        settings = dataclasses.replace(settings_from_args(args), models=served_models(args))
         settings.validate()
         settings.resolve_token()
-        if not settings.models:
-            raise ServerConfigError(
-                "name the model(s) to serve with --model NAME (see `medsam2 models list`)"
-            )
         try:
             import uvicorn
 
@@ -172,7 +208,10 @@ def run_server(args: argparse.Namespace) -> int:
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         device = resolve_device(settings.device)
-        app = create_app(settings, registry_predictor_factory(device))
+        factory = registry_predictor_factory(
+            device, args.checkpoint, settings.models[0], args.config, args.image_size
+        )
+        app = create_app(settings, factory)
         if not args.no_preload:
             for name in settings.models:
                 print(f"loading model {name} on {device} ...", file=sys.stderr, flush=True)
