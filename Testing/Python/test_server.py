@@ -748,6 +748,8 @@ def test_remote_errors_are_one_line_and_name_the_problem(predictor, cases):
         assert busy.value.retry_after is not None and busy.value.retry_after >= 1
         _assert_one_line(busy.value, url)
 
+        with pytest.raises(ModelError, match="not served here"):
+            RemoteSession(url, TOKEN, case.volume, model="another-model")  # checked before the slots
         with pytest.raises(InvalidPromptError, match="outside the volume"):
             session.add_points(1, [[1, 1, 99]], [1])
         with pytest.raises(InvalidPromptError, match="non-finite"):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast, available_memory_bytes
-from ..errors import InvalidPromptError, MedSAM2Error, MemoryBudgetError, PropagationCancelled
+from ..errors import InvalidPromptError, MedSAM2Error, MemoryBudgetError, ModelError, PropagationCancelled
 from ..geometry import SliceLayout, VolumeGeometry
 from ..intensity import IntensityPreparation
 from ..predictor import EngineVideoPredictor
@@ -329,9 +329,7 @@ class SessionManager:
         if not name:
             return models[0] if models else "default"
         if models and name not in models:
-            raise BadRequestError(
-                f"model {name!r} is not served here; this server serves: {', '.join(models)}"
-            )
+            raise ModelError(f"model {name!r} is not served here; this server serves: {', '.join(models)}")
         return name
 
     def predictor(self, name: str) -> LoadedModel:
