@@ -1,0 +1,131 @@
+"""Request and response bodies of the HTTP API (they are what /openapi.json documents).
+
+Coordinates are continuous voxel indices (i, j, k), the engine's own convention: the client converts
+from RAS millimetres with the volume's geometry, exactly as it would in process. Masks travel as
+base64 of gzip(np.packbits(mask)) (see wire.py) in JSON, and as raw gzip bytes from the mask routes.
+"""
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .wire import MASK_ENCODING
+
+Point = tuple[float, float, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PointsPrompt(_Strict):
+    type: Literal["points"]
+    object_id: int
+    points: list[Point] = Field(description="(i, j, k) voxel coordinates, all on one slice", min_length=1)
+    labels: list[int] = Field(description="1 positive, 0 negative, one per point")
+    replace: bool = Field(
+        default=False, description="replace this slice's earlier clicks instead of adding to them"
+    )
+
+
+class BoxPrompt(_Strict):
+    type: Literal["box"]
+    object_id: int
+    corners: tuple[Point, Point] = Field(description="two opposite corners (i, j, k) on one slice, inclusive")
+    points: Optional[list[Point]] = Field(default=None, description="optional clicks refining the box")
+    labels: Optional[list[int]] = None
+
+
+class MaskPrompt(_Strict):
+    type: Literal["mask"]
+    object_id: int
+    slice_index: int = Field(description="slice along the session axis")
+    shape: tuple[int, int] = Field(description="the slice's shape as cut from the [k, j, i] array")
+    data: str = Field(description=f"base64 of the mask, encoded {MASK_ENCODING}")
+
+
+Prompt = Annotated[Union[PointsPrompt, BoxPrompt, MaskPrompt], Field(discriminator="type")]
+
+
+class SlicePreviewOut(BaseModel):
+    object_id: int
+    slice_index: int
+    shape: tuple[int, int]
+    encoding: str = MASK_ENCODING
+    data: str = Field(description="base64 of the prompted slice's mask, as cut from the [k, j, i] array")
+
+
+class PropagateRequest(_Strict):
+    direction: str = Field(default="both", description="both, forward or backward")
+    slice_range: Optional[tuple[int, int]] = Field(
+        default=None, description="first and last slice (inclusive)"
+    )
+    stop_when_absent: Optional[int] = Field(
+        default=None, description="end a direction after this many empty slices"
+    )
+    object_ids: Optional[list[int]] = Field(default=None, description="objects to propagate (default: all)")
+
+
+class RunOut(BaseModel):
+    run_id: Optional[str] = None
+    kind: Optional[str] = Field(default=None, description="propagate or precompute")
+    state: str = Field(description="idle (no run yet), running, done, cancelled or failed")
+    done: int = Field(default=0, description="slices done so far")
+    total: int = Field(default=0, description="slices this run visits (0 until the first slice is done)")
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    object_ids: list[int] = Field(default_factory=list, description="objects whose masks this run produced")
+    propagated: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    stopped_early: dict[str, list[str]] = Field(default_factory=dict)
+    object_scores: dict[str, list[Optional[float]]] = Field(
+        default_factory=dict, description="SAM2 object-score logit per slice (null where not visited)"
+    )
+
+
+class CacheOut(BaseModel):
+    hits: int
+    misses: int
+    encoded: int
+    not_admitted: int
+    slices_cached: int
+    bytes_used: int
+    budget_bytes: int
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    model: str
+    shape: tuple[int, int, int]
+    dtype: str
+    num_slices: int
+    voxel_axis: int = Field(description="0 = i, 1 = j, 2 = k")
+    flip_rows: bool
+    object_ids: list[int]
+    cache: CacheOut
+    reserved_bytes: int
+    idle_expiry_seconds: float
+    run: RunOut
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+
+
+class ServerInfoOut(BaseModel):
+    version: str
+    models: list[str]
+    default_model: str
+    sessions: int
+    max_sessions: int
+    max_upload_bytes: int
+    max_voxels: int
+    idle_seconds: float
+    memory_budget_bytes: Optional[int]
+    memory_reserved_bytes: int
+    mask_encoding: str = MASK_ENCODING
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="one line naming the problem and the fix")
+    error: str = Field(description="error class, e.g. InvalidPromptError, SessionNotFoundError")

@@ -1,0 +1,249 @@
+"""``medsam2 serve``: run the inference server on uvicorn.
+
+    medsam2 serve --model NAME --token-file token.txt                 # 127.0.0.1:8765
+    medsam2 serve --model NAME --token-file token.txt --host 0.0.0.0 \\
+        --tls-cert server.crt --tls-key server.key                    # reachable from the network
+
+The command line wires ``add_serve_parser(subparsers)``; ``main(argv)`` runs it on its own
+(``python -m medsam2.server.serve``). FastAPI and uvicorn are imported only when the server starts,
+so the rest of the command line works without the ``server`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import DeviceUnavailableError, MedSAM2Error, ModelError
+from ..predictor import EngineVideoPredictor
+from .settings import TOKEN_ENV, ServerConfigError, ServerSettings
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def add_serve_parser(
+    subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand (its handler is ``args.func == run_server``)."""
+    parser = subparsers.add_parser(
+        "serve",
+        parents=list(parents),
+        help="run the inference server (HTTP API with token authentication)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_server)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerSettings()
+    net = parser.add_argument_group("network")
+    net.add_argument(
+        "--host", default=defaults.host, help="address to bind (default %(default)s: this machine only)"
+    )
+    net.add_argument("--port", type=int, default=defaults.port, help="TCP port (default %(default)s)")
+    net.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"file holding the API token clients must send (default: ${TOKEN_ENV}); required",
+    )
+    net.add_argument("--tls-cert", metavar="PEM", help="TLS certificate (serve https)")
+    net.add_argument("--tls-key", metavar="PEM", help="TLS private key for --tls-cert")
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help="model to serve, by registry name; repeat for several (the first is the default); "
+        "default: the registry's default model",
+    )
+    model.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="serve a local checkpoint (e.g. a fine-tuned model) under the name --model gives "
+        "(default: the file's name)",
+    )
+    model.add_argument(
+        "--config", metavar="YAML", help="model config for --checkpoint (packaged name or file)"
+    )
+    model.add_argument("--image-size", type=int, help="model input size for --checkpoint")
+    model.add_argument("--device", default=defaults.device, help="auto, cuda, cuda:N, mps or cpu")
+    model.add_argument(
+        "--no-preload", action="store_true", help="load models on first use instead of at start"
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=defaults.max_upload_bytes / MiB,
+        help="largest compressed volume upload (default %(default)g)",
+    )
+    limits.add_argument(
+        "--max-voxels",
+        type=int,
+        default=defaults.max_voxels,
+        help="largest volume in voxels (default %(default)d)",
+    )
+    limits.add_argument(
+        "--max-sessions",
+        type=int,
+        default=defaults.max_sessions,
+        help="sessions open at once (default %(default)d)",
+    )
+    limits.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=defaults.idle_seconds / 60,
+        help="close a session after this long without requests (default %(default)g)",
+    )
+    limits.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        help="device memory shared by all sessions (volumes + feature caches); default: half of what is free",
+    )
+    limits.add_argument(
+        "--cache-gb-per-session",
+        type=float,
+        help="cap on one session's slice-feature cache (default: all of its slices)",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        token_file=args.token_file,
+        tls_certfile=args.tls_cert,
+        tls_keyfile=args.tls_key,
+        models=tuple(args.models or ()),
+        device=args.device,
+        max_upload_bytes=int(args.max_upload_mb * MiB),
+        max_voxels=args.max_voxels,
+        max_sessions=args.max_sessions,
+        idle_seconds=args.idle_minutes * 60,
+        memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * GiB),
+        cache_bytes_per_session=None
+        if args.cache_gb_per_session is None
+        else int(args.cache_gb_per_session * GiB),
+    )
+
+
+def _registry() -> Any:
+    try:
+        return importlib.import_module("medsam2.registry")
+    except ImportError as exc:
+        raise ModelError(f"the model registry cannot be imported ({exc}); reinstall medsam2slicer") from None
+
+
+def served_models(args: argparse.Namespace) -> tuple[str, ...]:
+    """The names clients may ask for: --model names, the checkpoint's name, or the registry's default."""
+    names = tuple(args.models or ())
+    if getattr(args, "checkpoint", None):
+        if len(names) > 1:
+            raise ServerConfigError(
+                "with --checkpoint the server serves that one model; give at most one --model"
+            )
+        return names or (Path(args.checkpoint).stem,)
+    default = getattr(_registry(), "DEFAULT_MODEL", None)
+    if not names and not default:
+        raise ServerConfigError("name the model(s) to serve with --model NAME (see `medsam2 models list`)")
+    return names or (str(default),)
+
+
+def registry_predictor_factory(
+    device: torch.device,
+    checkpoint: Optional[str] = None,
+    checkpoint_name: Optional[str] = None,
+    config: Optional[str] = None,
+    image_size: Optional[int] = None,
+) -> Callable[[str], EngineVideoPredictor]:
+    """Models by name through the model registry; ``checkpoint_name`` is served from a local file."""
+
+    def factory(name: str) -> EngineVideoPredictor:
+        load = getattr(_registry(), "load_model", None)
+        if load is None:
+            raise ModelError(
+                "this medsam2 installation's registry has no load_model(); reinstall medsam2slicer"
+            )
+        if checkpoint is not None and name == checkpoint_name:
+            loaded = load(None, checkpoint=checkpoint, config=config, image_size=image_size, device=device)
+        else:
+            loaded = load(name, device=device)
+        # load_model returns (predictor, the registry entry it loaded).
+        return loaded[0] if isinstance(loaded, tuple) else loaded
+
+    return factory
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Start serving; returns an exit code with a one-line message for bad settings (the command
+    line's codes: 2 bad settings, 3 model unavailable, 4 device unavailable)."""
+    try:
+        settings = dataclasses.replace(settings_from_args(args), models=served_models(args))
+        settings.validate()
+        settings.resolve_token()
+        try:
+            import uvicorn
+
+            from .app import create_app
+        except ImportError as exc:
+            raise ServerConfigError(
+                f"the server needs FastAPI and uvicorn ({exc.name or exc} is missing): "
+                "pip install 'medsam2slicer[server]'"
+            ) from None
+        from ..devices import resolve_device
+
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        device = resolve_device(settings.device)
+        factory = registry_predictor_factory(
+            device, args.checkpoint, settings.models[0], args.config, args.image_size
+        )
+        app = create_app(settings, factory)
+        if not args.no_preload:
+            for name in settings.models:
+                print(f"loading model {name} on {device} ...", file=sys.stderr, flush=True)
+                app.state.manager.predictor(name)
+        if not settings.loopback_only and not settings.tls:
+            print(
+                f"warning: serving on {settings.host} without TLS: the token and the images cross the "
+                "network unencrypted; pass --tls-cert and --tls-key",
+                file=sys.stderr,
+            )
+    except MedSAM2Error as exc:
+        print(f"medsam2 serve: error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, ModelError) else 4 if isinstance(exc, DeviceUnavailableError) else 2
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=15,
+    )
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="medsam2 serve", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    add_serve_arguments(parser)
+    return run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
