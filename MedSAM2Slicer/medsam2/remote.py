@@ -365,7 +365,12 @@ class RemoteSession:
         self.model: str = info["model"]
         self.shape: tuple[int, int, int] = tuple(info["shape"])
         self.num_slices: int = int(info["num_slices"])
-        self.layout = SliceLayout(int(info["voxel_axis"]), bool(info["flip_rows"]))
+        self.layout = SliceLayout(
+            int(info["voxel_axis"]),
+            flip_rows=bool(info["flip_rows"]),
+            flip_cols=bool(info["flip_cols"]),
+            transpose=bool(info["transpose"]),
+        )
         self.frame_shape = self.layout.frame_shape(self.shape)
         self._masks: dict[int, np.ndarray] = {}
         self._closed = False

@@ -512,6 +512,8 @@ def _session_out(managed: ManagedSession, settings: ServerSettings) -> SessionOu
         num_slices=session.num_slices,
         voxel_axis=session.layout.voxel_axis,
         flip_rows=session.layout.flip_rows,
+        flip_cols=session.layout.flip_cols,
+        transpose=session.layout.transpose,
         object_ids=sorted(session.object_ids),
         cache=CacheOut(
             hits=stats.hits,

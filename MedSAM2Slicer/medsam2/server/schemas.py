@@ -100,6 +100,8 @@ class SessionOut(BaseModel):
     num_slices: int
     voxel_axis: int = Field(description="0 = i, 1 = j, 2 = k")
     flip_rows: bool
+    flip_cols: bool
+    transpose: bool
     object_ids: list[int]
     cache: CacheOut
     reserved_bytes: int
