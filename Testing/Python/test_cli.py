@@ -179,3 +179,39 @@ def test_demo_offline_without_weights_says_so_in_one_line(tmp_path, monkeypatch,
     out = capsys.readouterr().out.strip()
     assert code == 3 and len(out.splitlines()) == 1
     assert "CHECKPOINT=" in out and not (tmp_path / "out").exists()
+
+
+def test_dicom_series_in_dicom_seg_out(checkpoint, tmp_path, capsys):
+    """A CT series folder in, a DICOM-SEG out that references it and passes dciodvfy."""
+    import pydicom
+    from dicom_factory import ct_values, mni_volume, write_series
+    from dicom_tools import dciodvfy_errors
+
+    values, geometry = mni_volume((30, 38))
+    series_dir = tmp_path / "series"
+    series_dir.mkdir()
+    write_series(series_dir, ct_values(values), geometry, modality="CT", descending=True)
+    out = tmp_path / "result.dcm"
+    code = main(
+        [
+            "segment",
+            str(series_dir),
+            "-o",
+            str(out),
+            "--point-ijk",
+            "48,58,4",
+            "--label",
+            "liver",
+            "--json",
+            *model_args(checkpoint),
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    seg = pydicom.dcmread(out)
+    source = pydicom.dcmread(next(series_dir.iterdir()))
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert seg.SegmentSequence[0].SegmentLabel == "liver"
+    assert "MedSAM2Slicer" in seg.SegmentSequence[0].SegmentAlgorithmName
+    assert dciodvfy_errors(out) == []
