@@ -7,6 +7,8 @@ layout, so the Slicer module, the command line and the server all share it.
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     DeviceUnavailableError,
     InvalidPromptError,
@@ -18,7 +20,23 @@ from .errors import (
 )
 from .geometry import VolumeGeometry
 from .intensity import IntensityPreparation, parse_intensity
-from .session import PropagationResult, SegmentationSession
+from .results import PropagationResult, SlicePreview
+
+if TYPE_CHECKING:
+    from .session import SegmentationSession
+
+# torch is imported on first use of the session, not on `import medsam2`: the remote client and the
+# Slicer panel's first-use dependency check run where torch may not be installed yet.
+_LAZY = {"SegmentationSession": "session"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'medsam2' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
@@ -34,4 +52,5 @@ __all__ = [
     "parse_intensity",
     "SegmentationSession",
     "PropagationResult",
+    "SlicePreview",
 ]

@@ -20,11 +20,12 @@ previews) never re-encodes, as in SAM2's own predictor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # only for annotations: CacheStats is also used by the torch-free remote client
+    import torch
 
-FrameFeatures = list[torch.Tensor]  # backbone FPN levels for one slice, each (1, C, H, W)
+FrameFeatures = list["torch.Tensor"]  # backbone FPN levels for one slice, each (1, C, H, W)
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:

@@ -48,6 +48,7 @@ from .errors import (
 from .features import CacheStats
 from .geometry import SliceLayout, VolumeGeometry
 from .intensity import IntensityPreparation, parse_intensity
+from .results import PropagationResult, SlicePreview
 from .server.wire import (
     SHAPE_HEADER,
     SLICE_STATE_HEADER,
@@ -58,7 +59,6 @@ from .server.wire import (
     encode_volume,
     parse_shape,
 )
-from .session import PropagationResult, SlicePreview
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Union[Callable[[], bool], threading.Event]

@@ -25,31 +25,15 @@ from .devices import autocast, available_memory_bytes
 from .errors import InvalidPromptError, MemoryBudgetError, PropagationCancelled
 from .features import CacheStats, SliceFeatureCache
 from .geometry import SliceLayout, VolumeGeometry
-from .intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, SlicePreparer, parse_intensity
+from .intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, parse_intensity
 from .predictor import EngineVideoPredictor
+from .preparation import SlicePreparer
+from .results import PropagationResult, SlicePreview
 from .volume import as_3d, device_bytes, frames_to_device
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Union[Callable[[], bool], threading.Event]
 DIRECTIONS = ("both", "forward", "backward")
-
-
-@dataclass
-class SlicePreview:
-    """The model's mask on the prompted slice right after a prompt (before propagation)."""
-
-    object_id: int
-    slice_index: int
-    mask: np.ndarray  # uint8, the 2D slice as cut from the [k, j, i] array (not display-flipped)
-
-
-@dataclass
-class PropagationResult:
-    masks: dict[int, np.ndarray]  # uint8 [k, j, i] per object, the whole volume
-    probabilities: Optional[dict[int, np.ndarray]]  # float32 [k, j, i] per object when asked for
-    propagated: dict[int, tuple[int, int]]  # first and last slice each object's run covered
-    object_scores: dict[int, np.ndarray]  # SAM2 object-score logit per slice (NaN where not visited)
-    stopped_early: dict[int, list[str]] = field(default_factory=dict)  # directions ended by absence
 
 
 @dataclass

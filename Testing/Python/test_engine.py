@@ -22,7 +22,7 @@ from medsam2 import (
 )
 from medsam2.devices import resolve_device
 from medsam2.geometry import SliceLayout
-from medsam2.intensity import SlicePreparer, intensity_bounds
+from medsam2.preparation import SlicePreparer, intensity_bounds
 
 
 def blob_volume(shape=(12, 40, 36), dtype=np.float32, seed=0) -> np.ndarray:
