@@ -15,7 +15,7 @@ import gzip
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,10 +31,12 @@ PathLike = Union[str, os.PathLike[str]]
 # --- reading -----------------------------------------------------------------------------------------
 
 
-def read_volume(path: PathLike) -> tuple[np.ndarray, VolumeGeometry]:
+def read_volume(path: PathLike, channel: Optional[int] = None) -> tuple[np.ndarray, VolumeGeometry]:
     """``(array [k, j, i], geometry)`` from a NRRD, NIfTI or MetaImage file, or a DICOM series folder/file.
 
-    A 2D image becomes a one-slice volume; multi-component or 4D images are refused (pass one channel).
+    A 2D image becomes a one-slice volume. Multi-component or 4D images (the Decathlon stores BraTS's four
+    sequences as a 4D NIfTI) need ``channel``, the component or volume to take; without it they are
+    refused (pass one channel).
     """
     p = Path(path)
     if not p.exists():
@@ -49,22 +51,32 @@ def read_volume(path: PathLike) -> tuple[np.ndarray, VolumeGeometry]:
     except RuntimeError as exc:
         detail = _itk_message(exc)
         raise InvalidVolumeError(f"cannot read volume {p}: {detail}") from exc
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InvalidVolumeError(
-            f"{p} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour, vector or a "
-            "Slicer segmentation); pass a single-channel greyscale volume"
-        )
+    components = image.GetNumberOfComponentsPerPixel()
     dim = image.GetDimension()
-    if dim not in (2, 3):
+    if dim not in (2, 3, 4):
         raise InvalidVolumeError(f"{p} is {dim}D; pass a 3D volume (or a 2D image), e.g. one time point")
-    array = sitk.GetArrayFromImage(image)
+    array = sitk.GetArrayFromImage(image)  # [(t,) k, j, i(, c)]
+    channels = components if components > 1 else (array.shape[0] if dim == 4 else 1)
+    if channels > 1 and channel is None:
+        what = (
+            f"{components} components per voxel (colour, vector or a Slicer segmentation)"
+            if components > 1
+            else f"{channels} volumes (4D)"
+        )
+        raise InvalidVolumeError(f"{p} has {what}; pass a single-channel greyscale volume or choose a channel")
+    if channel is not None and not 0 <= channel < channels:
+        raise InvalidVolumeError(f"{p.name} has {channels} channel(s); channel {channel} does not exist")
+    if components > 1:
+        array = array[..., channel]
+    elif dim == 4:
+        array = array[channel]
+    d = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)
+    spacing, origin = tuple(image.GetSpacing())[:3], tuple(image.GetOrigin())[:3]
     if dim == 2:
-        sx, sy = image.GetSpacing()
-        ox, oy = image.GetOrigin()
-        d = image.GetDirection()
-        direction = (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0)
-        return array[None], VolumeGeometry((sx, sy, 1.0), (ox, oy, 0.0), direction)
-    return array, VolumeGeometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        direction = np.eye(3)
+        direction[:2, :2] = d
+        return array[None], VolumeGeometry(spacing + (1.0,), origin + (0.0,), tuple(direction.ravel()))
+    return array, VolumeGeometry(spacing, origin, tuple(d[:3, :3].ravel()))
 
 
 def _itk_message(exc: RuntimeError) -> str:
@@ -130,9 +142,7 @@ def _set_geometry(image: sitk.Image, geometry: VolumeGeometry) -> None:
 def _binary_mask(seg: Segment, shape: tuple[int, ...]) -> np.ndarray:
     mask = np.asarray(seg.mask)
     if mask.shape != tuple(shape):
-        raise InvalidVolumeError(
-            f"mask of segment {seg.label!r} has shape {mask.shape}, expected {tuple(shape)}"
-        )
+        raise InvalidVolumeError(f"mask of segment {seg.label!r} has shape {mask.shape}, expected {tuple(shape)}")
     if mask.dtype.kind == "f":
         if not np.all((mask == 0) | (mask == 1)):
             raise InvalidVolumeError(f"mask of segment {seg.label!r} is not binary; threshold it first")

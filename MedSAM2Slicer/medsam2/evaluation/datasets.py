@@ -99,42 +99,12 @@ def read_image(
 ) -> tuple[np.ndarray, VolumeGeometry]:
     """A 3D volume as ``[k, j, i]`` plus its geometry; ``channel`` picks one component of a 4D or
     multi-component image (the Decathlon stores BraTS's four sequences as a 4D NIfTI)."""
-    import SimpleITK as sitk
+    from ..labelmaps import read_volume
 
     path = Path(path)
     if not path.is_file():
         raise InvalidVolumeError(f"cannot find {path}")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InvalidVolumeError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
-    ncomp = img.GetNumberOfComponentsPerPixel()
-    dim = img.GetDimension()
-    array = sitk.GetArrayFromImage(img)  # [(t,) k, j, i(, c)]
-    if ncomp > 1:
-        if not 0 <= channel < ncomp:
-            raise InvalidVolumeError(f"{path.name} has {ncomp} channels; channel {channel} does not exist")
-        array = array[..., channel]
-    if dim == 4:
-        if not 0 <= channel < array.shape[0]:
-            raise InvalidVolumeError(
-                f"{path.name} has {array.shape[0]} channels; channel {channel} does not exist"
-            )
-        array = array[channel]
-    elif dim == 2:
-        array = array[None]
-    elif dim != 3:
-        raise InvalidVolumeError(f"{path.name} is a {dim}D image; expected a 3D volume")
-    spacing = tuple(img.GetSpacing())[:3]
-    origin = tuple(img.GetOrigin())[:3]
-    d = np.asarray(img.GetDirection(), dtype=float).reshape(dim, dim)
-    if dim == 2:
-        spacing, origin = spacing + (1.0,), origin + (0.0,)
-        direction = np.eye(3)
-        direction[:2, :2] = d
-    else:
-        direction = d[:3, :3]
-    geometry = VolumeGeometry(tuple(spacing), tuple(origin), tuple(direction.ravel()))
+    array, geometry = read_volume(path, channel=channel)
     if as_label:
         if np.issubdtype(array.dtype, np.floating):
             if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
