@@ -63,8 +63,6 @@ class SegmentationSession:
         self.shape: tuple[int, int, int] = tuple(self.volume.shape)
         self.geometry = geometry or VolumeGeometry()
         voxel_axis = self.geometry.voxel_axis_for_view(axis) if isinstance(axis, str) else int(axis)
-        if self.volume.shape[0] == 1 and geometry is None and isinstance(axis, str):
-            voxel_axis = 2  # a 2D image: its only slice is along k
         self.layout = SliceLayout.for_axis(voxel_axis, self.geometry)
         self.num_slices = self.layout.num_slices(self.shape)
         self.frame_shape = self.layout.frame_shape(self.shape)
