@@ -71,6 +71,7 @@ def _add_arguments(p: argparse.ArgumentParser, inherited: set[str]) -> None:
     train.add_argument(
         "--feature-cache-gb", type=float, help="frozen-encoder feature cache in RAM (default 4 on CPU, 0 on GPU)"
     )
+    train.add_argument("--case-cache-gb", type=float, default=8.0, help="RAM for decoded training volumes (default 8)")
     train.add_argument("--val-prompt", choices=("box", "points", "mask"), default="box", help="validation prompt")
     if "--quiet" not in inherited:
         p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
@@ -123,6 +124,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         seed=args.seed,
         device=args.device,
         feature_cache_gb=args.feature_cache_gb,
+        case_cache_gb=args.case_cache_gb,
         quiet=bool(getattr(args, "quiet", False) or getattr(args, "json", False)),
     )
 
@@ -130,6 +132,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
 def run_finetune(args: argparse.Namespace) -> int:
     """Train from parsed arguments; errors are raised (``medsam2`` prints them as one line)."""
     from ..cli import emit
+    from ..evaluation.runner import rank_info
 
     result = finetune(settings_from_args(args), resume=args.resume)
     final = result.best_path or result.model_path
@@ -146,7 +149,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if result.best_dice is not None:
         scores = f" (validation Dice {result.best_dice:.3f}"
         scores += f", starting model {result.baseline_dice:.3f})" if result.baseline_dice is not None else ")"
-    emit(args, payload, f"fine-tuned model: {final}{scores}; use it with --checkpoint {final}")
+    if rank_info().rank == 0:  # under torchrun, one answer for the whole job
+        emit(args, payload, f"fine-tuned model: {final}{scores}; use it with --checkpoint {final}")
     return 0
 
 

@@ -476,14 +476,25 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int) -> tupl
 # ------------------------------------------------------------------------------------------ batches
 @dataclass
 class PreparedCase:
+    """A case in host memory in frame orientation: the raw slices (the volume's own dtype) with the
+    session's clipping bounds, and one uint8 mask stack per structure."""
+
     case_id: str
-    preparer: SlicePreparer  # the session's intensity preparation, frames on the training device
-    masks: dict[str, torch.Tensor]  # structure -> (num_slices, rows, cols) uint8, frame orientation
-    frame_shape: tuple[int, int]
+    frames: torch.Tensor  # (num_slices, rows, cols)
+    bounds: tuple[float, float]  # intensity clipping bounds of the whole volume
+    masks: dict[str, torch.Tensor]  # structure -> (num_slices, rows, cols) uint8
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.frames, *self.masks.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CaseStore:
-    """Cases prepared on the training device, the most recently used ``capacity`` of them kept."""
+    """Training cases held in host memory (most recently used first, within ``budget_bytes``; at least
+    one), so a case is read and decompressed once rather than at every clip. Only the slices of a clip
+    travel to the training device, where the session's own ``SlicePreparer`` prepares them with the
+    whole volume's bounds: the model sees exactly what inference feeds it."""
 
     def __init__(
         self,
@@ -492,36 +503,46 @@ class CaseStore:
         intensity: IntensityPreparation,
         image_size: int,
         device: torch.device,
-        capacity: int = 4,
+        budget_bytes: int = 8 << 30,
     ) -> None:
         self.dataset = dataset
         self.layout_for = layout_for
         self.intensity = intensity
         self.image_size = image_size
         self.device = device
-        self.capacity = max(1, capacity)
+        self.budget_bytes = max(0, int(budget_bytes))
         self._cases: OrderedDict[str, PreparedCase] = OrderedDict()
+        self.loads = 0
 
     def get(self, case_id: str) -> PreparedCase:
         if case_id in self._cases:
             self._cases.move_to_end(case_id)
             return self._cases[case_id]
         case = self.dataset.load(self.dataset.record(case_id))
+        self.loads += 1
         layout = self.layout_for(case.geometry)
-        frames = frames_to_device(case.image, layout, self.device)
+        cpu = torch.device("cpu")
+        frames = frames_to_device(case.image, layout, cpu)
         prepared = PreparedCase(
             case_id,
-            SlicePreparer(frames, self.intensity, self.image_size),
-            {
-                name: frames_to_device(mask.astype(np.uint8), layout, self.device)
-                for name, mask in case.structures.items()
-            },
-            layout.frame_shape(tuple(case.image.shape)),  # type: ignore[arg-type]
+            frames,
+            intensity_bounds(frames, self.intensity),
+            {name: frames_to_device(mask.astype(np.uint8), layout, cpu) for name, mask in case.structures.items()},
         )
         self._cases[case_id] = prepared
-        while len(self._cases) > self.capacity:
+        while len(self._cases) > 1 and sum(c.nbytes for c in self._cases.values()) > self.budget_bytes:
             self._cases.popitem(last=False)
         return prepared
+
+    def images(self, case: PreparedCase, slices: Sequence[int]) -> torch.Tensor:
+        """(T, 3, S, S) model inputs for the slices, on the training device."""
+        frames = case.frames[list(slices)].to(self.device, non_blocking=True)
+        preparer = SlicePreparer(frames, self.intensity, self.image_size, bounds=case.bounds)
+        return preparer(list(range(len(slices))))
+
+    def masks(self, case: PreparedCase, name: str, slices: Sequence[int]) -> torch.Tensor:
+        """(T, rows, cols) uint8 masks of a structure on the training device."""
+        return case.masks[name][list(slices)].to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -629,8 +650,8 @@ class ClipSampler:
         for case_id, name, start in samples:
             prepared = self.store.get(case_id)
             slices = list(range(start, start + length))
-            images.append(prepared.preparer(slices))  # (T, 3, S, S)
-            masks = prepared.masks[name][slices]
+            images.append(self.store.images(prepared, slices))  # (T, 3, S, S)
+            masks = self.store.masks(prepared, name, slices)
             frame_masks.append(masks)
             targets.append(resize_masks(masks, self.image_size))  # (T, 1, S, S)
             keys.append([(case_id, s) for s in slices])
@@ -696,7 +717,7 @@ class ClipSampler:
                 coords.append([(c * sx, r * sy) for r, c in points])
                 labels.append(list(point_labels))
         width = max(len(c) for c in coords)
-        device = masks[0].device
+        device = self.store.device
         coord_t = torch.zeros(len(coords), width, 2, dtype=torch.float32)
         label_t = -torch.ones(len(coords), width, dtype=torch.int32)
         for b, (c, lab) in enumerate(zip(coords, labels)):

@@ -67,7 +67,7 @@ STATE_FILE = "train_state.pt"
 DEFAULT_SRPP_WEIGHT = 0.01
 DEFAULT_BD_WEIGHT = 0.1
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
-RESUME_MAY_CHANGE = frozenset({"epochs", "device", "feature_cache_gb", "case_cache", "quiet", "out"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "feature_cache_gb", "case_cache_gb", "quiet", "out"})
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,14 @@ class FinetuneSettings:
     seed: int = 0
     device: str = "auto"
     feature_cache_gb: Optional[float] = None  # None: 4 GiB when training on the CPU, else off
-    case_cache: int = 4
+    case_cache_gb: float = 8.0  # host memory for decoded training cases
     quiet: bool = False
 
     def __post_init__(self) -> None:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be 3d or 2d, got {self.mode!r}")
-        for name in ("epochs", "steps", "batch", "accumulate", "case_cache", "val_max_slices"):
+        for name in ("epochs", "steps", "batch", "accumulate", "val_max_slices"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -126,8 +126,16 @@ class FinetuneSettings:
             problems.append(f"clip length must be at least 2 slices, got {self.clip_length}")
         if self.val_prompt not in ("box", "points", "mask") or (self.mode == "2d" and self.val_prompt == "mask"):
             problems.append(f"validation prompt {self.val_prompt!r} is not one of box, points (or mask in 3D)")
-        if self.feature_cache_gb is not None and self.feature_cache_gb < 0:
-            problems.append("feature cache size cannot be negative")
+        allowed = PROMPT_KINDS_3D if self.mode == "3d" else PROMPT_KINDS_2D
+        if self.prompts is not None and (not self.prompts or any(k not in allowed for k in self.prompts)):
+            problems.append(f"prompts for {self.mode} training must be among {', '.join(allowed)}")
+        if self.intensity is not None:
+            try:
+                parse_intensity(self.intensity)
+            except MedSAM2Error as exc:
+                problems.append(str(exc))
+        if (self.feature_cache_gb is not None and self.feature_cache_gb < 0) or self.case_cache_gb < 0:
+            problems.append("cache sizes cannot be negative")
         if problems:
             raise MedSAM2Error(problems[0])
 
@@ -373,7 +381,9 @@ def finetune(
         _write_text(out / "split.json", json.dumps({"train": train_ids, "validation": val_ids}, indent=2) + "\n")
     _barrier(distributed)
 
-    store = CaseStore(dataset, layout_for, parse_intensity(intensity), image_size, device, settings.case_cache)
+    store = CaseStore(
+        dataset, layout_for, parse_intensity(intensity), image_size, device, int(settings.case_cache_gb * 2**30)
+    )
     sampler = ClipSampler(
         store,
         index,
@@ -482,10 +492,12 @@ def finetune(
             if dice_now is not None:
                 message += f", validation Dice {dice_now:.3f}"
             note(message)
+            improved = dice_now is not None and dice_now > best_dice
+            if improved:
+                best_dice = float(dice_now)  # type: ignore[arg-type]
             if main_process:
                 export_checkpoint(out / "model.pt", predictor, **export)
-                if dice_now is not None and dice_now > best_dice:
-                    best_dice = dice_now
+                if improved:
                     export_checkpoint(out / "best.pt", predictor, **export)
             save(epoch)
     except KeyboardInterrupt:
