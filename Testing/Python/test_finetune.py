@@ -274,14 +274,61 @@ def test_bad_data_is_reported_with_the_file_before_training(tmp_path, cases, sta
     assert not any(out.glob("*.pt"))  # nothing was trained or written
 
 
+def test_interrupted_run_is_saved_and_resumes_mid_epoch(tmp_path, mni, monkeypatch):
+    """Ctrl+C during an epoch keeps the finished steps; --resume goes on from the very next one."""
+    from medsam2.finetune import finetune
+    from medsam2.finetune.data import ClipSampler as Sampler
+
+    settings = FinetuneSettings(
+        str(mni), str(tmp_path / "out"), config=TINY_21, labels=(WM,), clip_length=3, epochs=1, steps=3,
+        val_fraction=0.0, device="cpu", quiet=True,
+    )  # fmt: skip
+    drawn = []
+    original = Sampler.next_batch
+
+    def interrupt_third(self):
+        drawn.append(1)
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Sampler, "next_batch", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(settings, predictor=build_predictor(TINY_21, image_size=SIZE, seed=0))
+    saved = torch.load(tmp_path / "out" / "train_state.pt", weights_only=True)
+    assert saved["step"] == 2 and [r["step"] for r in saved["history"]["train"]] == [1, 2]
+    assert not (tmp_path / "out" / "model.pt").exists()  # no epoch finished, so no model yet
+
+    monkeypatch.setattr(Sampler, "next_batch", original)
+    result = finetune(settings, resume=True, predictor=build_predictor(TINY_21, image_size=SIZE, seed=0))
+    assert result.step == 3 and [r["step"] for r in result.history["train"]] == [1, 2, 3]
+    assert result.history["train"][:2] == saved["history"]["train"]
+    assert result.model_path.is_file() and result.best_path is None  # no validation cases, no "best"
+
+
 def test_cli_errors_are_one_line(tmp_path, mni, capsys):
     assert main([str(mni), "--out", str(tmp_path / "o"), "--quiet"]) == 3  # no model
     assert "--model" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "model.pt").write_bytes(b"the user's own file")
+    assert main([str(mni), "--checkpoint", "x.pt", "--out", str(busy), "--quiet"]) == 2
+    assert "other files" in capsys.readouterr().err
+    assert (busy / "model.pt").read_bytes() == b"the user's own file"
     args = [str(mni), "--checkpoint", "x.pt", "--out", str(tmp_path / "o")]
     assert main([*args, "--mode", "2d", "--srpp-weight", "0.01"]) == 2
     assert "2D" in capsys.readouterr().err
     assert main([*args, "--lr", "0"]) == 2
     assert "learning rate" in capsys.readouterr().err
+
+
+def test_medsam2_command_offers_finetune(tmp_path, mni, capsys):
+    from medsam2.cli import main as medsam2_main
+
+    assert medsam2_main(["finetune", str(mni), "--out", str(tmp_path / "o"), "--quiet"]) == 3  # no model
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medsam2: error:") and "--model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -478,6 +525,24 @@ def test_boundary_loss_is_class_balanced():
     # predicting "no boundary" everywhere is as bad as "boundary" everywhere: rare pixels weigh as much
     none, everywhere = torch.full_like(edge, -10.0), torch.full_like(edge, 10.0)
     assert boundary_loss(none, edge) == pytest.approx(float(boundary_loss(everywhere, edge)), rel=0.05)
+
+
+def test_best_model_keeps_its_weights_when_the_latest_is_rewritten(tmp_path):
+    from medsam2.finetune.export import export_checkpoint, keep_copy
+
+    layer = torch.nn.Linear(2, 2)
+    meta = {"config": TINY_21, "image_size": SIZE, "intensity": "minmax"}
+    export_checkpoint(tmp_path / "model.pt", layer, **meta)
+    keep_copy(tmp_path / "model.pt", tmp_path / "best.pt")
+    kept = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    export_checkpoint(tmp_path / "model.pt", layer, **meta)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    latest = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.equal(best["model"]["weight"], kept["weight"]) and best["config"] == TINY_21
+    assert torch.equal(latest["model"]["weight"], kept["weight"] + 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "model.pt"]  # no temporary left
 
 
 def test_settings_defaults_follow_the_notes():

@@ -419,13 +419,14 @@ def open_training_dataset(
             raise InvalidVolumeError(f"a plain image/label folder has numbered channels only, got {channel!r}")
         records = _pair_folders(dirs[0], dirs[1], int(channel) if channel is not None else 0)
         has_maps = any(not r.is_seg_nrrd for r in records)
-        specs = None
+        specs: Optional[list[LabelSpec]] = None
         segment_names = None
         if selection is not None:
+            # names select segments of .seg.nrrd files; values and NAME=V1,V2 select label-map values
             segment_names = [t for t in selection if "=" not in t]
             if has_maps:
                 specs = [parse_label_spec(t, None) for t in selection if "=" in t or t.lstrip("-").isdigit()]
-        return TrainingDataset(root, "pairs", records, specs or None, None, "", segment_names, name=root.name)
+        return TrainingDataset(root, "pairs", records, specs, None, "", segment_names, name=root.name)
 
     dataset = open_dataset(root, layout=layout, labels=None, channel=channel)
     records = [TrainingRecord(c.case_id, c.image, c.label, c.channel) for c in dataset.cases]
@@ -611,8 +612,8 @@ class ClipSampler:
         if mode == "3d":
             if clip_length < 2:
                 raise InvalidVolumeError(f"clip length must be at least 2 slices in 3D mode, got {clip_length}")
-            if not 1 <= prompt_slices <= clip_length:
-                raise InvalidVolumeError(f"prompted slices per clip must be 1..{clip_length}, got {prompt_slices}")
+            if not 1 <= prompt_slices < clip_length:
+                raise InvalidVolumeError(f"prompted slices per clip must be 1..{clip_length - 1}, got {prompt_slices}")
         self.clip_length = clip_length if mode == "3d" else 1
         self.prompt_slices = prompt_slices if mode == "3d" else 1
         pairs = []

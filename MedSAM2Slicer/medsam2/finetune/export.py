@@ -11,6 +11,8 @@ truncated model where the user expects one.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Union
 
@@ -42,3 +44,22 @@ def export_checkpoint(
     with atomic_output(target) as tmp:
         torch.save(payload, tmp)
     return target
+
+
+def keep_copy(source: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> Path:
+    """Make ``target`` a copy of the finished file ``source`` (the best model so far), atomically.
+
+    A hard link costs no disk and no time (the source is later replaced by rename, never rewritten in
+    place, so the link keeps this version); where links are not supported the file is copied."""
+    src, dst = Path(source), Path(target)
+    tmp = dst.with_name(f".tmp-{secrets.token_hex(4)}-{dst.name}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst

@@ -92,32 +92,34 @@ class FinetuneModel(nn.Module):
     # ----------------------------------------------------------------------------- encoding
     def _encode(self, batch: TrainBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Backbone FPN levels and position encodings for every image row of the batch."""
-        sam = self.sam
+        encoder = self.sam.image_encoder
         images = batch.images
         if not self.freeze_encoder:
-            out = sam.image_encoder(images)
+            out = encoder(images)
             return list(out["backbone_fpn"]), list(out["vision_pos_enc"])
-        rows: list[Optional[list[torch.Tensor]]] = [self.cache.get(k) for k in batch.keys] if batch.keys else []
-        if not rows:
-            rows = [None] * images.size(0)
+        if self.cache.budget_bytes == 0 or not batch.keys:
+            with torch.no_grad():
+                out = encoder(images)
+            return [x.detach() for x in out["backbone_fpn"]], list(out["vision_pos_enc"])
+        rows: list[Optional[list[torch.Tensor]]] = [self.cache.get(k) for k in batch.keys]
         missing = [n for n, r in enumerate(rows) if r is None]
         self.cache.hits += len(rows) - len(missing)
         self.cache.misses += len(missing)
-        device = images.device
         if missing:
             with torch.no_grad():
-                out = sam.image_encoder(images[missing])
-            levels = [lvl.detach() for lvl in out["backbone_fpn"]]
+                out = encoder(images[missing])
+            levels = [x.detach() for x in out["backbone_fpn"]]
             if self.cache.pos_enc is None:
-                self.cache.pos_enc = [p[:1].detach().to("cpu", copy=True) for p in out["vision_pos_enc"]]
+                # identical for every slice: one copy, kept on the training device
+                self.cache.pos_enc = [p[:1].detach().clone() for p in out["vision_pos_enc"]]
             for m, n in enumerate(missing):
-                feats = [lvl[m : m + 1] for lvl in levels]
+                feats = [x[m : m + 1] for x in levels]
                 rows[n] = feats
-                if batch.keys:
-                    self.cache.put(batch.keys[n], feats)
+                self.cache.put(batch.keys[n], feats)
         assert self.cache.pos_enc is not None
-        fpn = [torch.cat([r[i].to(device) for r in rows if r is not None], dim=0) for i in range(len(rows[0] or []))]
-        pos = [p.to(device).expand(images.size(0), -1, -1, -1) for p in self.cache.pos_enc]
+        device = images.device
+        fpn = [torch.cat([r[i].to(device) for r in rows if r is not None]) for i in range(len(self.cache.pos_enc))]
+        pos = [p.expand(images.size(0), -1, -1, -1) for p in self.cache.pos_enc]
         return fpn, pos
 
     def _frame_features(self, batch: TrainBatch) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]], Any]:

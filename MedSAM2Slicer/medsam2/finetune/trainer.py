@@ -55,7 +55,7 @@ from .data import (
     open_training_dataset,
     split_cases,
 )
-from .export import export_checkpoint
+from .export import export_checkpoint, keep_copy
 from .forward import FinetuneModel
 from .heads import boundary_head_for, srpp_head_for
 from .losses import LossWeights
@@ -124,6 +124,11 @@ class FinetuneSettings:
             problems.append("SRPP compares slices of a clip and has no pairs in 2D mode; pass --srpp-weight 0")
         if self.mode == "3d" and self.clip_length < 2:
             problems.append(f"clip length must be at least 2 slices, got {self.clip_length}")
+        if self.mode == "3d" and not 1 <= self.prompt_slices < self.clip_length:
+            problems.append(
+                f"prompted slices per clip must be 1 to {self.clip_length - 1} (at least one slice is tracked), "
+                f"got {self.prompt_slices}"
+            )
         if self.val_prompt not in ("box", "points", "mask") or (self.mode == "2d" and self.val_prompt == "mask"):
             problems.append(f"validation prompt {self.val_prompt!r} is not one of box, points (or mask in 3D)")
         allowed = PROMPT_KINDS_3D if self.mode == "3d" else PROMPT_KINDS_2D
@@ -270,12 +275,17 @@ def _check_settings(out: Path, settings: FinetuneSettings, resume: bool) -> None
     if not path.is_file():
         if resume:
             raise MedSAM2Error(f"nothing to resume in {out}: it holds no training run (no settings.json)")
+        if out.is_dir() and any(out.iterdir()):
+            # never write model.pt/best.pt over files of the user's that happen to be there
+            raise MedSAM2Error(f"--out {out} is a folder with other files in it; choose a new or empty folder")
         return
     try:
         existing = json.loads(path.read_text())
     except ValueError:
         existing = {}
     if not resume:
+        if not (out / STATE_FILE).is_file():
+            return  # our own run that never finished an epoch: nothing to lose, start it again
         raise MedSAM2Error(
             f"{out} already holds a training run; pass --resume to continue it or choose another --out folder"
         )
@@ -375,12 +385,7 @@ def finetune(
         note(f"resuming {out} at step {step}")
         if step >= settings.epochs * settings.steps:
             note(f"{out} has finished its {step // settings.steps} epoch(s); raise --epochs to train longer")
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "settings.json", json.dumps(settings.as_json(), indent=2) + "\n")
-        _write_text(out / "split.json", json.dumps({"train": train_ids, "validation": val_ids}, indent=2) + "\n")
-    _barrier(distributed)
-
+    # (before anything is written: a clip length the cases cannot give fails here)
     store = CaseStore(
         dataset, layout_for, parse_intensity(intensity), image_size, device, int(settings.case_cache_gb * 2**30)
     )
@@ -396,6 +401,12 @@ def finetune(
         rng=rng,
         log=note,
     )
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(out / "settings.json", json.dumps(settings.as_json(), indent=2) + "\n")
+        _write_text(out / "split.json", json.dumps({"train": train_ids, "validation": val_ids}, indent=2) + "\n")
+    _barrier(distributed)
+
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -498,7 +509,7 @@ def finetune(
             if main_process:
                 export_checkpoint(out / "model.pt", predictor, **export)
                 if improved:
-                    export_checkpoint(out / "best.pt", predictor, **export)
+                    keep_copy(out / "model.pt", out / "best.pt")
             save(epoch)
     except KeyboardInterrupt:
         # Keep what was trained: a resume continues from this very step. (Under torchrun the other
@@ -588,7 +599,7 @@ def _restore(
 
     path = out / STATE_FILE
     if not path.is_file():
-        raise MedSAM2Error(f"nothing to resume in {out}: {STATE_FILE} is missing (the first epoch never finished)")
+        raise MedSAM2Error(f"nothing to resume in {out}: its first epoch never finished; run again without --resume")
     state = torch_load_weights_only(path, fix="delete the folder and train again")
     if not isinstance(state, dict) or "model" not in state:
         raise MedSAM2Error(f"{path} is not a training state written by medsam2 finetune")
