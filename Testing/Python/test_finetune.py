@@ -377,6 +377,9 @@ def test_seg_nrrd_labels_exported_from_slicer(tmp_path, cases):
     assert np.array_equal(b.structures[WM], expected) and not b.structures["lesion"].any()
     assert index["b"].present[WM] == tuple(range(2, 8)) and index["b"].present["lesion"] == ()
 
+    with pytest.raises(InvalidVolumeError, match=r"named 'lesoin'; segments found: grey matter, lesion"):
+        open_training_dataset(root, labels=["lesoin"]).check(axial, IntensityPreparation())
+
     # a voxel value that no segment in the header names
     path = root / "labels" / "a.seg.nrrd"
     seg = sitk.ReadImage(str(path))
@@ -545,6 +548,34 @@ def test_best_model_keeps_its_weights_when_the_latest_is_rewritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "model.pt"]  # no temporary left
 
 
+def test_gradient_accumulation_averages_micro_batches_into_one_step():
+    from contextlib import nullcontext
+
+    from medsam2.finetune.trainer import _optimizer_step
+
+    weight = torch.nn.Parameter(torch.tensor([2.0]))
+
+    class Engine(torch.nn.Module):  # loss of micro-batch b: b * w (gradient b)
+        def forward(self, b):
+            total = b * weight.sum()
+            return {"total": total, "seg": total}
+
+    class Batches:
+        def __init__(self):
+            self.values = iter([1.0, 3.0])
+
+        def next_batch(self):
+            return next(self.values)
+
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    settings = FinetuneSettings("d", "o", accumulate=2, grad_clip=0.0)
+    record = _optimizer_step(Engine(), Batches(), optimizer, scheduler, [weight], settings, nullcontext(), False)
+    assert weight.item() == pytest.approx(2.0 - 2.0)  # one step with the mean gradient (1 + 3) / 2
+    assert record["total"] == pytest.approx((1.0 * 2 + 3.0 * 2) / 2) and record["lr"] == 1.0
+    assert scheduler.last_epoch == 1 and weight.grad is None  # stepped once, gradients cleared
+
+
 def test_settings_defaults_follow_the_notes():
     three = FinetuneSettings("d", "o", mode="3d")
     two = FinetuneSettings("d", "o", mode="2d")
@@ -562,7 +593,7 @@ def test_settings_defaults_follow_the_notes():
 def test_torchrun_two_processes_train_with_no_change(tmp_path, mni, start_checkpoint):
     """The same command under torchrun (2 CPU processes, gloo): one result, gradients averaged."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "MedSAM2Slicer"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "MedSAM2Slicer")}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "medsam2.finetune.cli_finetune", str(mni), "--checkpoint", str(start_checkpoint),

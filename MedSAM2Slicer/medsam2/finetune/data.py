@@ -101,6 +101,7 @@ class TrainingDataset:
     segment_names: Optional[list[str]]  # selected .seg.nrrd segments by name; None: every segment
     name: str = ""
     modality: str = ""
+    seen_segments: set[str] = field(default_factory=set)  # every .seg.nrrd segment name read so far
 
     def record(self, case_id: str) -> TrainingRecord:
         for rec in self.records:
@@ -160,6 +161,7 @@ class TrainingDataset:
         image_name: str,
     ) -> dict[str, np.ndarray]:
         segments, seg_geometry, seg_shape = read_seg_nrrd(record.label, label_name)
+        self.seen_segments.update(segments)
         if not any(mask.any() for mask in segments.values()):
             raise InvalidVolumeError(f"label {label_name} is empty (no segment has a voxel); remove the case")
         if tuple(seg_shape) != tuple(shape):
@@ -202,6 +204,17 @@ class TrainingDataset:
         if problems:
             more = f" (and {len(problems) - 1} more problem(s) in other cases)" if len(problems) > 1 else ""
             raise InvalidVolumeError(problems[0] + more)
+        if self.segment_names and any(r.is_seg_nrrd for r in self.records):
+            seen = {name.lower() for name in self.seen_segments}
+            maps = any(not r.is_seg_nrrd for r in self.records)  # there, a number selects a label value
+            unknown = [
+                n for n in self.segment_names if n.lower() not in seen and not (maps and n.lstrip("-").isdigit())
+            ]
+            if unknown:
+                raise InvalidVolumeError(
+                    f"no .seg.nrrd file has a segment named {', '.join(map(repr, unknown))}; segments found: "
+                    + ", ".join(sorted(self.seen_segments))
+                )
         if not any(slices for entry in index.values() for slices in entry.present.values()):
             wanted = self.selection_text()
             raise InvalidVolumeError(f"no case of {self.root} holds {wanted}; check --label")

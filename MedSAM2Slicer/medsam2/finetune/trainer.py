@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -199,6 +200,20 @@ def _device(settings: FinetuneSettings, info: RankInfo) -> torch.device:
     return device
 
 
+def _share_cpu(info: RankInfo, device: torch.device) -> None:
+    """Under torchrun on the CPU, give each process its share of the cores. Each taking all of them
+    (what resolve_device, and so load_model, sets) oversubscribes the machine, and OpenMP's spinning
+    threads then slow every process many times over. Called after the model is loaded, for that reason."""
+    if info.world_size < 2 or device.type != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, local)))
+
+
 def _init_distributed(info: RankInfo, device: torch.device) -> bool:
     import torch.distributed as dist
 
@@ -347,6 +362,7 @@ def finetune(
             raise ModelError("a predictor passed in needs settings.config (its sam2 config name) for the export")
         config, image_size = settings.config, int(predictor.image_size)
         predictor = predictor.to(device)
+    _share_cpu(info, device)
     intensity = _intensity_spec(settings, entry, dataset)
     layout_for = _layout_for(settings.axis)
     note(f"checking {len(dataset.records)} case(s) of {dataset.root} ...")
