@@ -395,7 +395,7 @@ def test_seg_nrrd_labels_exported_from_slicer(tmp_path, cases):
 
 
 def test_batches_are_prepared_as_inference_sees_them(mni, cases):
-    from medsam2.intensity import SlicePreparer
+    from medsam2.finetune.data import SlicePreparer  # the session's preparer, wherever the engine keeps it
 
     dataset = open_training_dataset(mni, labels=[WM])
     index = dataset.check(axial, IntensityPreparation())
