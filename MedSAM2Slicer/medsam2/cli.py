@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("medsam2.cli_models", "add_models_parser"),
         ("medsam2.evaluation.cli_evaluate", "add_evaluate_parser"),
         ("medsam2.server.serve", "add_serve_parser"),
+        ("medsam2.finetune.cli_finetune", "add_finetune_parser"),
     ):
         _optional_parser(sub, common, module, function)
     return parser
