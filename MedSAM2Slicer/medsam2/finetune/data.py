@@ -43,12 +43,8 @@ from ..evaluation.datasets import (
 from ..evaluation.protocols import box_prompt, click_prompt
 from ..geometry import SliceLayout, VolumeGeometry
 from ..intensity import IntensityPreparation
+from ..preparation import SlicePreparer, intensity_bounds
 from ..volume import frames_to_device
-
-try:  # main has moved the torch side of intensity preparation into medsam2.preparation
-    from ..preparation import SlicePreparer, intensity_bounds
-except ImportError:  # the engine this branch started from keeps it in medsam2.intensity
-    from ..intensity import SlicePreparer, intensity_bounds  # type: ignore[attr-defined,no-redef]
 
 SEG_NRRD = ".seg.nrrd"
 MODES = ("3d", "2d")
