@@ -12,6 +12,7 @@ keep their earlier prompts, so a refinement on a new slice adds to what was ther
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -125,7 +126,8 @@ class EngineClient(ABC):
 
 def default_predictor_loader(model: str, device: str, progress: Optional[ProgressCallback] = None) -> Any:
     """A model name to a predictor: random-weight test models here, catalogue models through the model
-    registry (which downloads on first use and reports bytes through ``progress``)."""
+    registry (which downloads on first use and reports bytes through ``progress``), or the path of a
+    local checkpoint (a department's fine-tuned model)."""
     from medsam2.devices import resolve_device
     from medsam2.errors import ModelError
 
@@ -147,6 +149,10 @@ def default_predictor_loader(model: str, device: str, progress: Optional[Progres
         if progress is not None:
             progress(int(done), int(total or 0))
 
+    if model.lower().endswith((".pt", ".pth")) and os.path.isfile(os.path.expanduser(model)):
+        # A local checkpoint, e.g. one `medsam2 finetune` wrote (it records its config, size and intensity).
+        predictor, _entry = load_model(checkpoint=model, device=torch_device)
+        return predictor
     predictor, _entry = load_model(model, device=torch_device, progress=bytes_progress if progress else True)
     return predictor
 

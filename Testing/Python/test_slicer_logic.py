@@ -1057,3 +1057,18 @@ def test_cmake_lists_every_script_and_resource():
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in top and "PyTorch" in top
     s4ext = (ROOT / "MedSAM2Slicer.s4ext").read_text()
     assert "depends PyTorch" in s4ext and "category Segmentation" in s4ext
+
+
+def test_panel_loads_a_local_fine_tuned_checkpoint(tiny_predictor, tmp_path):
+    """The model selector accepts the path of a checkpoint `medsam2 finetune` wrote (self-describing)."""
+    import torch
+
+    from conftest import TEST_IMAGE_SIZE, TINY_21
+    from MedSAM2SlicerLib.engine_client import default_predictor_loader
+
+    path = tmp_path / "department.pt"
+    torch.save({"model": tiny_predictor.state_dict(), "config": TINY_21, "image_size": TEST_IMAGE_SIZE}, path)
+    loaded = default_predictor_loader(str(path), "cpu")
+    assert loaded.image_size == TEST_IMAGE_SIZE
+    for key, value in tiny_predictor.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
