@@ -115,19 +115,20 @@ def read_image(
     return np.ascontiguousarray(array.astype(np.float32, copy=False)), geometry
 
 
-def _strip_suffix(name: str) -> Optional[str]:
+def strip_volume_suffix(name: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Optional[str]:
+    """``case_001.nii.gz`` -> ``case_001``; None for a file that is not a volume."""
     low = name.lower()
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(suffixes, key=len, reverse=True):  # .seg.nrrd before .nrrd, .nii.gz before .nii
         if low.endswith(suffix):
             return name[: -len(suffix)]
     return None
 
 
-def _volume_files(folder: Path) -> dict[str, Path]:
+def volume_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
     """Files by name without extension; hidden files (macOS ``._`` forks in the Decathlon tars) skipped."""
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        stem = _strip_suffix(p.name)
+        stem = strip_volume_suffix(p.name, suffixes)
         if stem is not None and p.is_file() and not p.name.startswith("."):
             out[stem] = p
     return out
@@ -155,15 +156,15 @@ def _image_label_dirs(root: Path) -> Optional[tuple[Path, Path]]:
 
 def _brats_label_file(folder: Path) -> Optional[Path]:
     for p in folder.iterdir():
-        stem = _strip_suffix(p.name)
+        stem = strip_volume_suffix(p.name)
         if stem is not None and (stem.endswith("_seg") or stem.endswith("-seg")):
             return p
     return None
 
 
 def _pair_by_name(images: Path, labels: Path, channel: int) -> list[CaseRecord]:
-    image_files = _volume_files(images)
-    label_files = _volume_files(labels)
+    image_files = volume_files(images)
+    label_files = volume_files(labels)
     cases = []
     for stem, label in label_files.items():
         # nnU-Net names channels case_0000, case_0001...: the label is plain ``case``.
@@ -228,8 +229,8 @@ def _open_msd(root: Path, channel: Union[int, str, None]) -> EvaluationDataset:
     if isinstance(training, list) and training and isinstance(training[0], dict):
         for entry in training:
             image, label = root / str(entry["image"]), root / str(entry["label"])
-            case_id = _strip_suffix(label.name) or label.name
-            image_stem = _strip_suffix(image.name)
+            case_id = strip_volume_suffix(label.name) or label.name
+            image_stem = strip_volume_suffix(image.name)
             per_channel = image_stem is not None and image.with_name(
                 f"{image_stem}_{index:04d}{image.name[len(image_stem) :]}"
             )
@@ -261,7 +262,7 @@ def _open_brats(root: Path, channel: Union[int, str, None]) -> EvaluationDataset
             continue
         image = None
         for p in sorted(folder.iterdir()):
-            stem = _strip_suffix(p.name)
+            stem = strip_volume_suffix(p.name)
             if stem is not None and re.split(r"[_-]", stem)[-1].lower() in wanted:
                 image = p
         if image is None:

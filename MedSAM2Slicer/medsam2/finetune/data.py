@@ -39,6 +39,7 @@ from ..evaluation.datasets import (
     open_dataset,
     parse_label_spec,
     read_image,
+    volume_files,
 )
 from ..evaluation.protocols import box_prompt, click_prompt
 from ..geometry import SliceLayout, VolumeGeometry
@@ -360,23 +361,8 @@ def place_on_grid(
 
 
 # ------------------------------------------------------------------------------------------ opening
-def _strip_suffix(name: str) -> Optional[str]:
-    low = name.lower()
-    if low.endswith(SEG_NRRD):
-        return name[: -len(SEG_NRRD)]
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if low.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _files_by_stem(folder: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        stem = _strip_suffix(p.name)
-        if stem is not None and p.is_file() and not p.name.startswith("."):
-            out[stem] = p
-    return out
+    return volume_files(folder, (*IMAGE_SUFFIXES, SEG_NRRD))  # Slicer's .seg.nrrd is a label format here
 
 
 def _image_label_dirs(root: Path) -> Optional[tuple[Path, Path]]:
