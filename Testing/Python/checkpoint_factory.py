@@ -90,7 +90,8 @@ class MkdirPayload:
 
 
 def save_with_payload(path: Path, sentinel: Path) -> Path:
-    torch.save({"model": {"no_mem_embed": torch.zeros(1, 1, 256)}, "note": MkdirPayload(sentinel)}, path)
+    # the payload comes first in the pickle, so a plain unpickler reaches it before any tensor
+    torch.save({"note": MkdirPayload(sentinel), "model": {"no_mem_embed": torch.zeros(1, 1, 256)}}, path)
     return path
 
 

@@ -16,8 +16,10 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import shutil
 import socket
+import zipfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -352,9 +354,19 @@ def test_pickle_with_reduce_payload_is_refused_without_running_it(tmp_path):
     text = assert_one_line(exc)
     assert "refused" in text and "run code" in text and "mkdir" in text
     assert not sentinel.exists()
-    # Control: the payload is live. Unpickling with code allowed (what this project never does) runs it.
+    # Control: the payload is live. Python's own unpickler (code allowed, what this project never
+    # does) runs it as soon as it reaches it; torch.load is not needed to show that.
     control = tmp_path / "control-ran"
-    torch.load(save_with_payload(tmp_path / "evil2.pt", control), weights_only=False)
+    evil = save_with_payload(tmp_path / "evil2.pt", control)
+    with zipfile.ZipFile(evil) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+
+    class NoStorages(pickle.Unpickler):
+        def persistent_load(self, pid):
+            raise EOFError("stop at the first tensor")
+
+    with pytest.raises(EOFError):
+        NoStorages(io.BytesIO(data)).load()
     assert control.is_dir()
 
 
