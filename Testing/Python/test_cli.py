@@ -215,3 +215,17 @@ def test_dicom_series_in_dicom_seg_out(checkpoint, tmp_path, capsys):
     assert seg.SegmentSequence[0].SegmentLabel == "liver"
     assert "MedSAM2Slicer" in seg.SegmentSequence[0].SegmentAlgorithmName
     assert dciodvfy_errors(out) == []
+
+
+def test_demo_click_is_on_the_ventricle():
+    """The demo's prompt must sit on dark CSF, not on the white matter around the ventricle."""
+    from nilearn import datasets
+
+    from medsam2.cli_segment import DEMO_POINT_RAS
+    from medsam2.geometry import VolumeGeometry
+
+    img = datasets.load_mni152_template(resolution=1)
+    volume = np.asarray(img.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
+    i, j, k = np.round(VolumeGeometry.from_ijk_to_ras_matrix(img.affine).ras_to_ijk([DEMO_POINT_RAS])[0]).astype(int)
+    white_matter = volume[k, j, i - 16]  # 16 mm further left: corona radiata
+    assert volume[k, j, i] < 0.35 < white_matter
