@@ -174,6 +174,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addSegmentButton.connect("clicked(bool)", self.onAddSegment)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.redoButton.connect("clicked(bool)", self.onRedo)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.outputSegmentationSelector.connect(
@@ -333,6 +334,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
         self.ui.undoButton.enabled = not busy and self.logic.canUndo(segmentation)
         self.ui.redoButton.enabled = not busy and self.logic.canRedo(segmentation)
+        self.ui.exportDicomSegButton.enabled = not busy and segmentation is not None and ready
         remote = self._parameterNode is not None and self._parameterNode.engineLocation == "remote"
         self.ui.serverUrlLineEdit.enabled = remote
         self.ui.serverTokenLineEdit.enabled = remote
@@ -593,6 +595,18 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(_("Redone."))
         self.updateButtons()
 
+    def onExportDicomSeg(self) -> None:
+        if self.worker.busy or not self._parameterNode:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("DICOM-SEG export failed."), waitCursor=True):
+                count = self.logic.exportDicomSeg(
+                    self._parameterNode.outputSegmentation, self._parameterNode.inputVolume
+                )
+                self.setStatus(_("Exported {count} DICOM-SEG object(s) to the DICOM database.").format(count=count))
+        except Exception as exc:  # already shown by tryWithErrorDisplay; keep the panel's status honest
+            self.setStatus(_describeError(exc), error=True)
+
 
 def _describeError(exc: Exception) -> str:
     """Engine errors are one line written for users; anything else keeps its type and is logged."""
@@ -656,6 +670,43 @@ class MedSAM2SlicerLogic(ScriptedLoadableModuleLogic):
     def reset(self) -> None:
         if self._core is not None:
             self._core.closeSession()
+
+    def exportDicomSeg(self, segmentationNode, referenceVolumeNode) -> int:
+        """Export through Slicer's own DICOM segmentation exporter (the DICOMSegmentationPlugin that the
+        DICOM module's Export dialog uses) and import the result into the DICOM database, where it
+        appears under the source study. Needs Slicer's DICOM module, so it is not exercised by the
+        slicer-core tests; the segment terminology and reference geometry it relies on are (logic.py)."""
+        if segmentationNode is None or referenceVolumeNode is None:
+            raise ValueError(_("Choose the source volume and the segmentation to export."))
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        volumeItem = shNode.GetItemByDataNode(referenceVolumeNode)
+        if not shNode.GetItemUID(volumeItem, "DICOM"):
+            raise ValueError(
+                _("The source volume was not loaded from DICOM, so a DICOM-SEG cannot reference it; "
+                  "save the segmentation as .seg.nrrd instead.")
+            )
+        # The SEG must sit in the volume's study in the subject hierarchy to reference its series.
+        segItem = shNode.GetItemByDataNode(segmentationNode)
+        shNode.SetItemParent(segItem, shNode.GetItemParent(volumeItem))
+        segmentationNode.SetNodeReferenceID(
+            segmentationNode.GetReferenceImageGeometryReferenceRole(), referenceVolumeNode.GetID()
+        )
+        import DICOMSegmentationPlugin  # Slicer's DICOM module (QuantitativeReporting/dcmqi backed)
+        from DICOMLib import DICOMUtils
+
+        exporter = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
+        exportables = exporter.examineForExport(segItem)
+        if not exportables:
+            raise ValueError(_("Slicer's DICOM exporter found nothing to export in this segmentation."))
+        outputFolder = os.path.join(slicer.app.temporaryPath, "MedSAM2Slicer-DICOMSEG", segmentationNode.GetID())
+        os.makedirs(outputFolder, exist_ok=True)
+        for exportable in exportables:
+            exportable.directory = outputFolder
+        error = exporter.export(exportables)
+        if error:
+            raise RuntimeError(_("DICOM-SEG export failed: {error}").format(error=error))
+        DICOMUtils.importDicom(outputFolder)
+        return len(exportables)
 
     def canUndo(self, segmentationNode) -> bool:
         return self._core is not None and self._core.canUndo(segmentationNode)
