@@ -9,6 +9,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # sam2's CUDA extension (hole filling) needs nvcc; without a toolkit it is skipped and sam2 warns.
 SAM2_BUILD_CUDA ?= 0
+# `make demo CHECKPOINT=file.pt`: the catalogue entry whose config, input size (MedSAM2: 512 px) and
+# intensity recipe apply to that file; a bare state dict does not say which.
+MODEL ?= medsam2-latest
 
 .PHONY: install test lint demo benchmark clean
 
@@ -30,7 +33,7 @@ test: install lint
 	$(VENV)/bin/pytest -q
 
 demo: install
-	$(VENV)/bin/medsam2 demo --output demo-output $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(DEMO_ARGS)
+	$(VENV)/bin/medsam2 demo --output demo-output $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --model $(MODEL)) $(DEMO_ARGS)
 
 benchmark: install
 	$(PY) benchmarks/bench_propagation.py $(BENCH_ARGS)
