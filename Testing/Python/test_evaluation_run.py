@@ -481,8 +481,11 @@ def test_resume_skips_finished_cases_and_redoes_only_missing_ones(sharded_run, p
     redo = evaluate_dataset(dataset, predictor, out, SETTINGS, model="tiny random")
     assert redo.evaluated == ["mni_001"] and redo.skipped == ["mni_000", "mni_002"]
     after = read_csv(out / "cases" / "mni_001.csv")
-    drop = [{k: v for k, v in r.items() if k != "seconds"} for r in before]
-    assert [{k: v for k, v in r.items() if k != "seconds"} for r in after] == drop  # seeded, deterministic
+    # every metric is seeded and deterministic; only the run's wall-clock column may differ
+    def metrics_only(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert metrics_only(after) == metrics_only(before)
     with pytest.raises(MedSAM2Error, match="different evaluation"):
         evaluate_dataset(
             dataset, predictor, out, EvaluationSettings(PromptProtocol(prompt="box")), model="tiny random"
