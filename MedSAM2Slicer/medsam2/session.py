@@ -332,7 +332,10 @@ class SegmentationSession:
 
         predictor, state = self.predictor, self._state
         with torch.inference_mode(), autocast(self.device):
-            predictor.propagate_in_video_preflight(state)
+            try:
+                predictor.propagate_in_video_preflight(state)
+            except RuntimeError as exc:  # an object whose prompts were all cleared: sam2's own message
+                raise InvalidPromptError(f"{exc}; or remove that object") from None
             starts: dict[int, int] = {}
             for o in selected:
                 idx = predictor._obj_id_to_idx(state, o)

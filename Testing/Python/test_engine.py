@@ -343,3 +343,15 @@ def test_stop_when_absent_ends_a_direction(tiny_predictor):
     assert sorted(result.stopped_early[1]) == ["backward", "forward"]
     assert result.masks[1][:6].sum() == 0 and result.masks[1][11:].sum() == 0
     assert result.masks[1][8].sum() > 0
+
+
+def test_object_with_all_prompts_cleared_is_a_clear_error(tiny_predictor):
+    s = SegmentationSession(tiny_predictor, blob_volume())
+    s.add_points(1, [[18, 20, 6]], [1])
+    s.add_points(2, [[10, 10, 4]], [1])
+    s.clear_slice(2, 4)
+    with pytest.raises(InvalidPromptError, match="object id 2"):
+        s.propagate()
+    s.remove_object(2)
+    result = s.propagate()  # object 1 still propagates once 2 is gone
+    assert s.object_ids == [1] and result.propagated[1] == (0, 11)
