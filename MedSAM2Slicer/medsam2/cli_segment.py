@@ -66,6 +66,9 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--direction", choices=["both", "forward", "backward"], default="both")
     g.add_argument("--slices", type=_slices, metavar="START:END", help="limit propagation to these slices")
     g.add_argument("--stop-when-absent", type=int, metavar="K", help="stop after K slices without the object")
+    g.add_argument(
+        "--largest-component", action="store_true", help="keep each object's largest 3D connected component"
+    )
     g = p.add_argument_group("intensity").add_mutually_exclusive_group()
     g.add_argument("--window", metavar="W,L", help="CT window width,level in HU")
     g.add_argument("--preset", help="CT window preset: soft_tissue, abdomen, mediastinum, liver, lung, bone, brain")
@@ -237,6 +240,7 @@ def segment_one(job: SegmentJob, models: ModelCache, random_weights: bool = Fals
             stop_when_absent=args.stop_when_absent,
             progress=progress,
             probabilities=bool(getattr(args, "fractional", False)),
+            largest_component=bool(getattr(args, "largest_component", False)),
         )
     finally:
         progress.close()

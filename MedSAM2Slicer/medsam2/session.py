@@ -308,6 +308,7 @@ class SegmentationSession:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelCheck] = None,
         probabilities: bool = False,
+        largest_component: bool = False,
     ) -> PropagationResult:
         """Propagate each object from its first prompted slice forward, backward or both.
 
@@ -315,7 +316,9 @@ class SegmentationSession:
         correction can re-propagate only the part of the volume it concerns. ``stop_when_absent=k`` ends
         a direction after k consecutive slices where SAM2's object score says the object is absent; the
         rest of that direction is cleared. Raises PropagationCancelled (leaving the previous result in
-        place) when ``cancel`` fires; it is checked before every slice.
+        place) when ``cancel`` fires; it is checked before every slice. ``largest_component`` keeps only
+        each object's largest 3D connected component (MedSAM2's post-processing), removing islands only
+        inside the slices this run covered.
         """
         if direction not in DIRECTIONS:
             raise InvalidPromptError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
@@ -392,6 +395,9 @@ class SegmentationSession:
             finally:
                 state["prefetch_plan"] = None
 
+        if largest_component:
+            for o in selected:
+                _keep_largest_component(new_masks[o], self.layout, covered[o])
         self._masks.update(new_masks)
         if new_probs is not None:
             self._probabilities.update(new_probs)
@@ -462,6 +468,23 @@ class SegmentationSession:
         if frame not in self._state["output_dict_per_obj"][idx]["cond_frame_outputs"]:
             self._state["output_dict_per_obj"][idx]["non_cond_frame_outputs"].pop(frame, None)
             self._state["frames_tracked_per_obj"][idx].pop(frame, None)
+
+
+def _keep_largest_component(mask: np.ndarray, layout: SliceLayout, covered: tuple[int, int]) -> None:
+    """Clear, in place, voxels outside the largest 6-connected component, within slices ``covered``."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask > 0)
+    if count <= 1:
+        return
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    islands = (labels != int(np.argmax(sizes))) & (labels > 0)
+    inside = np.zeros(mask.shape, bool)
+    window = [slice(None)] * 3
+    window[layout.array_axis] = slice(covered[0], covered[1] + 1)
+    inside[tuple(window)] = True
+    mask[islands & inside] = 0
 
 
 def _cancel_check(cancel: Optional[CancelCheck]) -> Callable[[], bool]:

@@ -81,7 +81,20 @@ def test_segment_writes_seg_nrrd_and_labelmap(ct_file, checkpoint, tmp_path, cap
     assert out.is_file()
     out2 = tmp_path / "out.nii.gz"
     assert (
-        main(["segment", str(path), "-o", str(out2), "--point-ijk", "22,25,4", "--quiet", *model_args(checkpoint)]) == 0
+        main(
+            [
+                "segment",
+                str(path),
+                "-o",
+                str(out2),
+                "--point-ijk",
+                "22,25,4",
+                "--quiet",
+                "--largest-component",
+                *model_args(checkpoint),
+            ]
+        )
+        == 0
     )
     labelmap = sitk.ReadImage(str(out2))
     assert sitk.GetArrayFromImage(labelmap).shape == shape

@@ -355,3 +355,23 @@ def test_object_with_all_prompts_cleared_is_a_clear_error(tiny_predictor):
     s.remove_object(2)
     result = s.propagate()  # object 1 still propagates once 2 is gone
     assert s.object_ids == [1] and result.propagated[1] == (0, 11)
+
+
+def test_largest_component_removes_islands_only_in_the_run(tiny_predictor):
+    from medsam2.session import _keep_largest_component
+
+    mask = np.zeros((10, 20, 20), np.uint8)
+    mask[2:8, 5:15, 5:15] = 1  # the object
+    mask[3, 1:3, 1:3] = 1  # an island inside the propagated slices
+    mask[9, 18:20, 18:20] = 1  # an island outside them (an earlier run's result)
+    layout = SliceLayout.for_axis(2, VolumeGeometry())
+    _keep_largest_component(mask, layout, (0, 8))
+    assert mask[3, 1:3, 1:3].sum() == 0 and mask[9, 18:20, 18:20].sum() == 4
+    assert mask[2:8, 5:15, 5:15].all()
+
+    s = SegmentationSession(tiny_predictor, blob_volume())
+    s.add_points(1, [[18, 20, 6]], [1])
+    result = s.propagate(largest_component=True)
+    from scipy import ndimage
+
+    assert ndimage.label(result.masks[1])[1] <= 1
