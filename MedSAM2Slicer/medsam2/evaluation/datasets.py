@@ -81,22 +81,32 @@ class EvaluationDataset:
     def load(self, case: CaseRecord) -> LoadedCase:
         image, geometry = read_image(case.image, channel=case.channel)
         label, label_geometry = read_image(case.label, channel=0, as_label=True)
-        if image.shape != label.shape:
-            raise InvalidVolumeError(
-                f"case {case.case_id}: image {case.image.name} has shape {image.shape} (k, j, i) but label "
-                f"{case.label.name} has {label.shape}; resample the label onto the image grid"
-            )
-        if not np.allclose(geometry.spacing, label_geometry.spacing, rtol=1e-3, atol=1e-4):
-            raise InvalidVolumeError(
-                f"case {case.case_id}: image spacing {geometry.spacing} differs from label spacing "
-                f"{label_geometry.spacing}; resample the label onto the image grid"
-            )
+        check_label_grid(label.shape, label_geometry, image.shape, geometry, case.label.name, case.image.name)
         return LoadedCase(case.case_id, image, label, geometry)
 
 
-def read_image(
-    path: Union[str, Path], channel: int = 0, as_label: bool = False
-) -> tuple[np.ndarray, VolumeGeometry]:
+def check_label_grid(
+    label_shape: tuple[int, ...],
+    label_geometry: VolumeGeometry,
+    shape: tuple[int, ...],
+    geometry: VolumeGeometry,
+    label_name: str,
+    image_name: str,
+) -> None:
+    """A label must lie on its image's voxel grid: same shape (k, j, i) and spacing."""
+    if tuple(label_shape) != tuple(shape):
+        raise InvalidVolumeError(
+            f"label {label_name} has shape {tuple(label_shape)} (k, j, i) but image {image_name} has "
+            f"{tuple(shape)}; resample the label onto the image grid"
+        )
+    if not np.allclose(geometry.spacing, label_geometry.spacing, rtol=1e-3, atol=1e-4):
+        raise InvalidVolumeError(
+            f"label {label_name} has spacing {tuple(label_geometry.spacing)} but image {image_name} has "
+            f"{tuple(geometry.spacing)}; resample the label onto the image grid"
+        )
+
+
+def read_image(path: Union[str, Path], channel: int = 0, as_label: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
     """A 3D volume as ``[k, j, i]`` plus its geometry; ``channel`` picks one component of a 4D or
     multi-component image (the Decathlon stores BraTS's four sequences as a 4D NIfTI)."""
     from ..labelmaps import read_volume
@@ -108,9 +118,7 @@ def read_image(
     if as_label:
         if np.issubdtype(array.dtype, np.floating):
             if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-                raise InvalidVolumeError(
-                    f"label file {path.name} holds non-integer values; expected a label map"
-                )
+                raise InvalidVolumeError(f"label file {path.name} holds non-integer values; expected a label map")
         return np.ascontiguousarray(array.astype(np.int32, copy=False)), geometry
     return np.ascontiguousarray(array.astype(np.float32, copy=False)), geometry
 
@@ -170,9 +178,7 @@ def _pair_by_name(images: Path, labels: Path, channel: int) -> list[CaseRecord]:
         # nnU-Net names channels case_0000, case_0001...: the label is plain ``case``.
         image = image_files.get(f"{stem}_{channel:04d}") or (image_files.get(stem) if channel == 0 else None)
         if image is not None:
-            cases.append(
-                CaseRecord(stem, image, label, 0 if f"{stem}_{channel:04d}" in image_files else channel)
-            )
+            cases.append(CaseRecord(stem, image, label, 0 if f"{stem}_{channel:04d}" in image_files else channel))
     if not cases:
         raise InvalidVolumeError(
             f"no image in {images} has the name of a label in {labels} (e.g. images/case1.nii.gz with "
@@ -212,9 +218,7 @@ def _msd_channel(meta: dict, channel: Union[int, str, None]) -> tuple[int, str]:
     for index, name in names.items():
         if name.lower() == str(channel).lower():
             return index, name
-    raise InvalidVolumeError(
-        f"dataset has no channel named {channel!r}; channels: {', '.join(names.values())}"
-    )
+    raise InvalidVolumeError(f"dataset has no channel named {channel!r}; channels: {', '.join(names.values())}")
 
 
 def _open_msd(root: Path, channel: Union[int, str, None]) -> EvaluationDataset:
@@ -242,13 +246,9 @@ def _open_msd(root: Path, channel: Union[int, str, None]) -> EvaluationDataset:
     else:
         dirs = _image_label_dirs(root)
         if dirs is None:
-            raise InvalidVolumeError(
-                f"{root} has a dataset.json without 'training' entries and no imagesTr/labelsTr"
-            )
+            raise InvalidVolumeError(f"{root} has a dataset.json without 'training' entries and no imagesTr/labelsTr")
         cases = _pair_by_name(dirs[0], dirs[1], index)
-    return EvaluationDataset(
-        root, "msd", cases, labels, name=str(meta.get("name", root.name)), modality=modality
-    )
+    return EvaluationDataset(root, "msd", cases, labels, name=str(meta.get("name", root.name)), modality=modality)
 
 
 def _open_brats(root: Path, channel: Union[int, str, None]) -> EvaluationDataset:
@@ -266,9 +266,7 @@ def _open_brats(root: Path, channel: Union[int, str, None]) -> EvaluationDataset
             if stem is not None and re.split(r"[_-]", stem)[-1].lower() in wanted:
                 image = p
         if image is None:
-            raise InvalidVolumeError(
-                f"BraTS case {folder.name} has no {sequence} image (*_{sequence}.nii.gz)"
-            )
+            raise InvalidVolumeError(f"BraTS case {folder.name} has no {sequence} image (*_{sequence}.nii.gz)")
         cases.append(CaseRecord(folder.name, image, label, 0))
     labels = [LabelSpec(name, values) for name, values in BRATS_REGIONS]
     return EvaluationDataset(root, "brats", cases, labels, name=root.name, modality=sequence)
@@ -300,12 +298,8 @@ def open_dataset(
             raise InvalidVolumeError(f"{root} has no images/ and labels/ folders")
         index = int(channel) if channel is not None and str(channel).isdigit() else 0
         if channel is not None and not str(channel).isdigit():
-            raise InvalidVolumeError(
-                f"a plain image/label folder has numbered channels only, got {channel!r}"
-            )
-        dataset = EvaluationDataset(
-            root, "pairs", _pair_by_name(dirs[0], dirs[1], index), None, name=root.name
-        )
+            raise InvalidVolumeError(f"a plain image/label folder has numbered channels only, got {channel!r}")
+        dataset = EvaluationDataset(root, "pairs", _pair_by_name(dirs[0], dirs[1], index), None, name=root.name)
     if not dataset.cases:
         raise InvalidVolumeError(f"no labelled cases found in {root}")
     if labels:
@@ -326,9 +320,7 @@ def parse_label_spec(text: str, known: Optional[Sequence[LabelSpec]]) -> LabelSp
         except ValueError:
             raise InvalidVolumeError(f"label group {text!r} must be NAME=V1,V2 with integer values") from None
         if not name.strip() or not group or 0 in group:
-            raise InvalidVolumeError(
-                f"label group {text!r} needs a name and non-zero values, e.g. tumour=1,2"
-            )
+            raise InvalidVolumeError(f"label group {text!r} needs a name and non-zero values, e.g. tumour=1,2")
         return LabelSpec(name.strip(), group)
     for spec in known or []:
         if spec.name.lower() == text.lower():

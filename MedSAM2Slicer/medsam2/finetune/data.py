@@ -36,6 +36,7 @@ from ..errors import InvalidVolumeError
 from ..evaluation.datasets import (
     IMAGE_SUFFIXES,
     LabelSpec,
+    check_label_grid,
     open_dataset,
     parse_label_spec,
     read_image,
@@ -132,7 +133,7 @@ class TrainingDataset:
             structures = self._load_seg_nrrd(record, image.shape, geometry, label_name, image_name)
         else:
             label, label_geometry = read_image(record.label, channel=0, as_label=True)
-            _check_grid(label.shape, label_geometry, image.shape, geometry, label_name, image_name)
+            check_label_grid(label.shape, label_geometry, image.shape, geometry, label_name, image_name)
             structures = self._structures_from_labelmap(label, label_name)
         return TrainingCase(record.case_id, image, geometry, structures)
 
@@ -172,7 +173,7 @@ class TrainingDataset:
                 for name, mask in segments.items()
             }
         else:
-            _check_grid(seg_shape, seg_geometry, shape, geometry, label_name, image_name)
+            check_label_grid(seg_shape, seg_geometry, shape, geometry, label_name, image_name)
         if self.segment_names is None:
             return segments
         by_lower = {name.lower(): mask for name, mask in segments.items()}
@@ -225,26 +226,6 @@ class TrainingDataset:
     def selection_text(self) -> str:
         names = [s.name for s in self.label_specs or []] + list(self.segment_names or [])
         return "the selected structures (" + ", ".join(names) + ")" if names else "any labelled structure"
-
-
-def _check_grid(
-    label_shape: tuple[int, ...],
-    label_geometry: VolumeGeometry,
-    shape: tuple[int, ...],
-    geometry: VolumeGeometry,
-    label_name: str,
-    image_name: str,
-) -> None:
-    if tuple(label_shape) != tuple(shape):
-        raise InvalidVolumeError(
-            f"label {label_name} has shape {tuple(label_shape)} (k, j, i) but image {image_name} has "
-            f"{tuple(shape)}; resample the label onto the image grid"
-        )
-    if not np.allclose(geometry.spacing, label_geometry.spacing, rtol=1e-3, atol=1e-4):
-        raise InvalidVolumeError(
-            f"label {label_name} has spacing {tuple(label_geometry.spacing)} but image {image_name} has "
-            f"{tuple(geometry.spacing)}; resample the label onto the image grid"
-        )
 
 
 def _index_case(case: TrainingCase, layout: SliceLayout) -> CaseIndex:
