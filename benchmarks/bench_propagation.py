@@ -101,7 +101,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_engine(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> dict[str, Any]:
     from medsam2 import SegmentationSession
     from medsam2.devices import resolve_device
-    from medsam2.model import build_predictor
+    from medsam2.models.build import build_predictor
 
     device = resolve_device(args.device)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
@@ -138,7 +138,7 @@ def run_reference(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> di
     from sam2.build_sam import build_sam2_video_predictor
 
     from medsam2.devices import resolve_device
-    from medsam2.model import ENGINE_OVERRIDES, image_size_overrides
+    from medsam2.models.build import ENGINE_OVERRIDES, image_size_overrides
 
     device = resolve_device(args.device)
     overrides = image_size_overrides(args.image_size) + list(ENGINE_OVERRIDES)
@@ -206,7 +206,7 @@ def main() -> None:
         child(args)
         return
 
-    from medsam2.model import build_predictor, save_checkpoint
+    from medsam2.models.build import build_predictor, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         volume_path, ckpt = os.path.join(tmp, "volume.npy"), os.path.join(tmp, "weights.pt")

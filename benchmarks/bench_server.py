@@ -43,7 +43,7 @@ def serve(port: int, token: str, image_size: int, max_sessions: int) -> None:
     """The child process: the server with the small model."""
     import uvicorn
 
-    from medsam2.model import build_predictor
+    from medsam2.models.build import build_predictor
     from medsam2.server.app import create_app
     from medsam2.server.settings import ServerSettings
 

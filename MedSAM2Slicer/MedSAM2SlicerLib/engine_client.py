@@ -17,14 +17,15 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+# medsam2.api is numpy-only: the panel imports it without torch (remote mode).
+from medsam2.api import CancelCheck, ProgressCallback, Session, SlicePreview, send_prompts
+
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
-CancelCheck = Union[Callable[[], bool], threading.Event]
 # (model name, device name, download progress) -> an EngineVideoPredictor
 PredictorLoader = Callable[[str, str, Optional[ProgressCallback]], Any]
 
@@ -35,7 +36,7 @@ RANDOM_WEIGHTS_PREFIX = "random-weights:"
 
 @dataclass(frozen=True)
 class SessionOptions:
-    model: str = "medsam2-latest"  # a medsam2.registry name
+    model: str = "medsam2-latest"  # a medsam2.models.registry name
     device: str = "auto"
     intensity: str = "minmax"  # anything medsam2.intensity.parse_intensity reads: "abdomen", "400,40", "mri"
     axis: int = 2  # voxel axis the volume is cut along (0 = i, 1 = j, 2 = k)
@@ -57,13 +58,6 @@ class PromptBundle:
 
     def is_empty(self) -> bool:
         return len(self.points_ijk) == 0 and not self.boxes and not self.masks
-
-
-@dataclass
-class SlicePreview:
-    object_id: int
-    slice_index: int
-    mask: np.ndarray  # uint8, the 2D slice as cut from the [k, j, i] array
 
 
 @dataclass
@@ -133,16 +127,16 @@ def default_predictor_loader(model: str, device: str, progress: Optional[Progres
 
     torch_device = resolve_device(device)
     if model.startswith(RANDOM_WEIGHTS_PREFIX):
-        from medsam2.model import build_predictor
+        from medsam2.models.build import build_predictor
 
         spec = model[len(RANDOM_WEIGHTS_PREFIX) :]
         config, _, size = spec.partition("@")
         return build_predictor(config, image_size=int(size) if size else None, device=torch_device, seed=0)
     try:
-        from medsam2.registry import load_model
+        from medsam2.models.registry import load_model
     except ImportError:
         raise ModelError(
-            f"cannot load model {model!r}: this build has no model registry (medsam2.registry)"
+            f"cannot load model {model!r}: this build has no model registry (medsam2.models.registry)"
         ) from None
 
     def bytes_progress(done: int, total: Optional[int]) -> None:
@@ -160,7 +154,7 @@ def default_predictor_loader(model: str, device: str, progress: Optional[Progres
 def model_names() -> list[str]:
     """Catalogue names for the model selector (empty when the registry is not available)."""
     try:
-        from medsam2.registry import list_models
+        from medsam2.models.catalogue import list_models
     except ImportError:
         return []
     return [entry.name for entry in list_models()]
@@ -172,17 +166,18 @@ class SessionEngineClient(EngineClient):
     say how a session is opened and closed."""
 
     def __init__(self) -> None:
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     @abstractmethod
     def _open_session(
         self, volume: np.ndarray, geometry: Any, options: SessionOptions, progress: Optional[ProgressCallback]
-    ) -> Any:
+    ) -> Session:
         """A new engine session for the volume."""
 
-    def _close(self, session: Any) -> None:
-        """Release an engine session (nothing to do in-process: memory goes with the object)."""
+    def _close(self, session: Session) -> None:
+        """Release an engine session (in process: its cached slice features)."""
+        session.close()
 
     def create_session(
         self,
@@ -197,7 +192,7 @@ class SessionEngineClient(EngineClient):
             self._sessions[session_id] = session
         return session_id
 
-    def session(self, session_id: str) -> Any:
+    def session(self, session_id: str) -> Session:
         from medsam2.errors import InvalidPromptError
 
         with self._lock:
@@ -211,41 +206,11 @@ class SessionEngineClient(EngineClient):
             return session_id is not None and session_id in self._sessions
 
     def add_prompts(self, session_id: str, object_id: int, prompts: PromptBundle) -> list[SlicePreview]:
-        from medsam2.errors import InvalidPromptError
-
         session = self.session(session_id)
-        axis = session.layout.voxel_axis
-        previews: list[SlicePreview] = []
-        for slice_index, mask in sorted(prompts.masks.items()):
-            p = session.add_mask(object_id, int(slice_index), mask)
-            previews.append(SlicePreview(p.object_id, p.slice_index, p.mask))
-
-        points = np.asarray(prompts.points_ijk, dtype=float).reshape(-1, 3)
-        labels = np.asarray(prompts.labels).reshape(-1)
-        if len(points) != len(labels):
-            raise InvalidPromptError(f"{len(points)} points but {len(labels)} labels")
-        # Same rounding as the session's: a click belongs to the slice whose centre is nearest.
-        point_slices = np.clip(np.round(points[:, axis]), 0, session.num_slices - 1).astype(int)
-        box_slices: set[int] = set()
-        for corner_a, corner_b in prompts.boxes:
-            s = int(np.clip(np.round(np.asarray(corner_a, dtype=float)[axis]), 0, session.num_slices - 1))
-            if s in box_slices:
-                raise InvalidPromptError(f"two boxes on slice {s}; one box per slice")
-            box_slices.add(s)
-            on_slice = point_slices == s
-            p = session.add_box(
-                object_id,
-                corner_a,
-                corner_b,
-                points_ijk=points[on_slice] if on_slice.any() else None,
-                labels=labels[on_slice] if on_slice.any() else None,
-            )
-            previews.append(SlicePreview(p.object_id, p.slice_index, p.mask))
-        for s in sorted(set(point_slices.tolist()) - box_slices):
-            on_slice = point_slices == s
-            p = session.add_points(object_id, points[on_slice], labels[on_slice], replace=True)
-            previews.append(SlicePreview(p.object_id, p.slice_index, p.mask))
-        return previews
+        previews = [
+            session.add_mask(object_id, int(slice_index), mask) for slice_index, mask in sorted(prompts.masks.items())
+        ]
+        return previews + send_prompts(session, object_id, prompts.points_ijk, prompts.labels, prompts.boxes)
 
     def propagate(
         self,
@@ -313,7 +278,7 @@ class LocalEngineClient(SessionEngineClient):
 
     def _open_session(
         self, volume: np.ndarray, geometry: Any, options: SessionOptions, progress: Optional[ProgressCallback]
-    ) -> Any:
+    ) -> Session:
         from medsam2.session import SegmentationSession
 
         return SegmentationSession(
@@ -348,7 +313,7 @@ class RemoteEngineClient(SessionEngineClient):
 
     def _open_session(
         self, volume: np.ndarray, geometry: Any, options: SessionOptions, progress: Optional[ProgressCallback]
-    ) -> Any:
+    ) -> Session:
         from medsam2.remote import RemoteSession
 
         return RemoteSession(
@@ -363,7 +328,7 @@ class RemoteEngineClient(SessionEngineClient):
             verify_tls=self.verify_tls,
         )
 
-    def _close(self, session: Any) -> None:
+    def _close(self, session: Session) -> None:
         try:
             session.close()
         except Exception as exc:  # an unreachable server must not stop the panel from moving on

@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from medsam2.api import PropagationResult, Session, SlicePreview
+from medsam2.errors import (
     DeviceUnavailableError,
     InvalidPromptError,
     InvalidVolumeError,
@@ -18,16 +19,17 @@ from .errors import (
     ModelError,
     PropagationCancelled,
 )
-from .geometry import VolumeGeometry
-from .intensity import IntensityPreparation, parse_intensity
-from .results import PropagationResult, SlicePreview
+from medsam2.geometry import VolumeGeometry
+from medsam2.intensity import IntensityPreparation, parse_intensity
 
 if TYPE_CHECKING:
-    from .session import SegmentationSession
+    from medsam2.io.volumes import read_volume
+    from medsam2.models.registry import load_model
+    from medsam2.session import SegmentationSession
 
-# torch is imported on first use of the session, not on `import medsam2`: the remote client and the
+# torch (and SimpleITK) are imported on first use, not on `import medsam2`: the remote client and the
 # Slicer panel's first-use dependency check run where torch may not be installed yet.
-_LAZY = {"SegmentationSession": "session"}
+_LAZY = {"SegmentationSession": "session", "load_model": "models.registry", "read_volume": "io.volumes"}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +53,9 @@ __all__ = [
     "IntensityPreparation",
     "parse_intensity",
     "SegmentationSession",
+    "Session",
+    "load_model",
+    "read_volume",
     "PropagationResult",
     "SlicePreview",
 ]

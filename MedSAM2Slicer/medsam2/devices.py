@@ -8,7 +8,7 @@ from typing import ContextManager
 
 import torch
 
-from .errors import DeviceUnavailableError
+from medsam2.errors import DeviceUnavailableError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

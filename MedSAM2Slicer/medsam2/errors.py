@@ -28,3 +28,7 @@ class ModelError(MedSAM2Error, RuntimeError):
 
 class PropagationCancelled(MedSAM2Error):
     """The caller cancelled a propagation; the previous result is unchanged."""
+
+
+class SessionBusyError(MedSAM2Error):
+    """The session is running a propagation (or another request): wait for it or cancel it."""

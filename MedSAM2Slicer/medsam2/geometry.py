@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InvalidVolumeError
+from medsam2.errors import InvalidVolumeError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 

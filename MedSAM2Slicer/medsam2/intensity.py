@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidVolumeError
+from medsam2.errors import InvalidVolumeError
 
 # (width, level) in Hounsfield units. Abdomen, lung, brain and mediastinum are the presets of
 # bowang-lab MedSAM2's Slicer plugin (the windows its CT models were trained with).

@@ -7,8 +7,10 @@ the reference's (Testing/Python/test_parity.py). What differs is where frames an
 - image features come from features.SliceFeatureCache, encoded in batches along the propagation
   order, instead of the reference's one-frame cache that re-encodes every frame every propagation.
 
-This relies on private methods of sam2 (``_get_image_feature``, ``_run_single_frame_inference``);
-pyproject pins sam2 below 2.0 and the parity test fails loudly if their contract changes.
+This relies on private methods and the inference-state layout of sam2 (``_get_image_feature``,
+``_run_single_frame_inference``, ``_get_orig_video_res_output``, ``_obj_id_to_idx``,
+``output_dict_per_obj``); this file is their only user, pyproject pins sam2 below 2.0 and the parity
+test fails loudly if their contract changes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-from .features import SliceFeatureCache
+from medsam2.features import SliceFeatureCache
 
 # Frames to encode together with a missing one: the next ones the propagation will visit.
 PrefetchPlan = Callable[[int], list[int]]
@@ -102,3 +104,53 @@ class EngineVideoPredictor(SAM2VideoPredictor):
         # sam2's callers ignore the first element (the input image); the engine does not keep
         # prepared images around, so it is None.
         return (None,) + features
+
+    # ------------------------------------------------------------------ tracking, for SegmentationSession
+    def object_index(self, state: dict[str, Any], object_id: int) -> int:
+        """sam2's index of an object (added on first use)."""
+        return int(self._obj_id_to_idx(state, object_id))
+
+    def prompted_slices(self, state: dict[str, Any], object_id: int) -> list[int]:
+        """Slices holding the object's prompts (sam2's conditioning frames), in slice order."""
+        idx = self.object_index(state, object_id)
+        return sorted(state["output_dict_per_obj"][idx]["cond_frame_outputs"])
+
+    def was_tracked(self, state: dict[str, Any], object_id: int, slice_index: int) -> bool:
+        idx = state["obj_id_to_idx"].get(int(object_id))
+        return idx is not None and slice_index in state["frames_tracked_per_obj"][idx]
+
+    def track_slice(
+        self, state: dict[str, Any], object_id: int, frame: int, reverse: bool
+    ) -> tuple[torch.Tensor, float]:
+        """One object on one slice, exactly as ``propagate_in_video`` does it: a prompted slice returns
+        its conditioning output, any other is tracked from memory and stored for later slices.
+        Returns the mask logits at the slice's size and the object-score logit."""
+        idx = self.object_index(state, object_id)
+        out_dict = state["output_dict_per_obj"][idx]
+        if frame in out_dict["cond_frame_outputs"]:
+            current: dict[str, Any] = out_dict["cond_frame_outputs"][frame]
+            pred_masks = current["pred_masks"].to(state["device"], non_blocking=True)
+        else:
+            current, pred_masks = self._run_single_frame_inference(
+                inference_state=state,
+                output_dict=out_dict,
+                frame_idx=frame,
+                batch_size=1,
+                is_init_cond_frame=False,
+                point_inputs=None,
+                mask_inputs=None,
+                reverse=reverse,
+                run_mem_encoder=True,
+            )
+            out_dict["non_cond_frame_outputs"][frame] = current
+        state["frames_tracked_per_obj"][idx][frame] = {"reverse": reverse}
+        _, video_res = self._get_orig_video_res_output(state, pred_masks)
+        return video_res[0, 0], float(current["object_score_logits"].reshape(-1)[0])
+
+    def forget_tracked_slice(self, state: dict[str, Any], object_id: int, frame: int) -> None:
+        """Drop a tracked (not prompted) slice's output, so no stale memory from an earlier run is
+        consulted for it."""
+        idx = self.object_index(state, object_id)
+        if frame not in state["output_dict_per_obj"][idx]["cond_frame_outputs"]:
+            state["output_dict_per_obj"][idx]["non_cond_frame_outputs"].pop(frame, None)
+            state["frames_tracked_per_obj"][idx].pop(frame, None)

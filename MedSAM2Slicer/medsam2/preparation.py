@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidVolumeError
-from .intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation
+from medsam2.errors import InvalidVolumeError
+from medsam2.intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation
 
 # torch.kthvalue on tens of millions of voxels is slow on a CPU; percentiles of a strided subsample
 # of this many voxels differ from the exact ones by far less than one grey level.

@@ -14,26 +14,34 @@ from RAS/LPS millimetres)::
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .devices import autocast, available_memory_bytes
-from .errors import InvalidPromptError, MemoryBudgetError, PropagationCancelled
-from .features import CacheStats, SliceFeatureCache
-from .geometry import SliceLayout, VolumeGeometry
-from .intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, parse_intensity
-from .predictor import EngineVideoPredictor
-from .preparation import SlicePreparer
-from .results import PropagationResult, SlicePreview
-from .volume import as_3d, device_bytes, frames_to_device
+from medsam2.api import (
+    DIRECTIONS,
+    CancelCheck,
+    CornerIJK,
+    PointLabels,
+    PointsIJK,
+    ProgressCallback,
+    PropagationResult,
+    SlicePreview,
+    cancel_check,
+)
+from medsam2.devices import autocast, available_memory_bytes
+from medsam2.errors import InvalidPromptError, MemoryBudgetError, PropagationCancelled
+from medsam2.features import CacheStats, SliceFeatureCache
+from medsam2.geometry import SliceLayout, VolumeGeometry
+from medsam2.intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, parse_intensity
+from medsam2.predictor import EngineVideoPredictor
+from medsam2.preparation import SlicePreparer
+from medsam2.volume import as_3d, device_bytes, frames_to_device
 
-ProgressCallback = Callable[[int, int], None]
-CancelCheck = Union[Callable[[], bool], threading.Event]
-DIRECTIONS = ("both", "forward", "backward")
+if TYPE_CHECKING:
+    from medsam2.api import Session
 
 
 @dataclass
@@ -110,7 +118,7 @@ class SegmentationSession:
     def _prepare_batch(self, indices: list[int]) -> torch.Tensor:
         return self._prepare(indices)
 
-    def _to_frame(self, points_ijk: Sequence[Sequence[float]] | np.ndarray, what: str) -> tuple[int, np.ndarray]:
+    def _to_frame(self, points_ijk: PointsIJK, what: str) -> tuple[int, np.ndarray]:
         pts = np.asarray(points_ijk, dtype=float)
         if pts.ndim == 1:
             pts = pts[None]
@@ -137,13 +145,13 @@ class SegmentationSession:
     def _object_index(self, object_id: int) -> int:
         if not isinstance(object_id, (int, np.integer)) or isinstance(object_id, bool):
             raise InvalidPromptError(f"object id must be an integer, got {object_id!r}")
-        return self.predictor._obj_id_to_idx(self._state, int(object_id))
+        return self.predictor.object_index(self._state, int(object_id))
 
     def add_points(
         self,
         object_id: int,
-        points_ijk: Sequence[Sequence[float]] | np.ndarray,
-        labels: Sequence[int] | np.ndarray,
+        points_ijk: PointsIJK,
+        labels: PointLabels,
         *,
         replace: bool = False,
     ) -> SlicePreview:
@@ -174,14 +182,15 @@ class SegmentationSession:
     def add_box(
         self,
         object_id: int,
-        corner_a_ijk: Sequence[float],
-        corner_b_ijk: Sequence[float],
-        points_ijk: Optional[Sequence[Sequence[float]]] = None,
-        labels: Optional[Sequence[int]] = None,
+        corner_a_ijk: CornerIJK,
+        corner_b_ijk: CornerIJK,
+        points_ijk: Optional[PointsIJK] = None,
+        labels: Optional[PointLabels] = None,
     ) -> SlicePreview:
         """A box given by two opposite corners on one slice (inclusive voxel indices); replaces that
         slice's earlier prompts for the object. Optional clicks refine it."""
-        slice_index, xy = self._to_frame([corner_a_ijk, corner_b_ijk], "box corners")
+        corners = np.stack([np.asarray(corner_a_ijk, dtype=float), np.asarray(corner_b_ijk, dtype=float)])
+        slice_index, xy = self._to_frame(corners, "box corners")
         (x0, x1), (y0, y1) = sorted(xy[:, 0]), sorted(xy[:, 1])
         if x1 - x0 < 1e-6 or y1 - y0 < 1e-6:
             raise InvalidPromptError(f"box on slice {slice_index} has zero area ({x1 - x0:g} x {y1 - y0:g} voxels)")
@@ -257,9 +266,13 @@ class SegmentationSession:
         self._masks.clear()
         self._probabilities.clear()
 
+    def close(self) -> None:
+        """Release the cached slice features now (device memory) rather than when the session is
+        garbage-collected; the session can still be used, re-encoding slices as needed."""
+        self.feature_cache.clear()
+
     def _was_tracked(self, object_id: int, slice_index: int) -> bool:
-        idx = self._state["obj_id_to_idx"].get(int(object_id))
-        return idx is not None and slice_index in self._state["frames_tracked_per_obj"][idx]
+        return self.predictor.was_tracked(self._state, int(object_id), slice_index)
 
     def _submit_points(self, object_id: int, slice_index: int, prompts: _SlicePrompts) -> SlicePreview:
         obj_idx = self._object_index(object_id)
@@ -310,14 +323,20 @@ class SegmentationSession:
         probabilities: bool = False,
         largest_component: bool = False,
     ) -> PropagationResult:
-        """Propagate each object from its first prompted slice forward, backward or both.
+        """Propagate each object through the volume from its prompted slices.
+
+        ``direction``: ``both`` runs forward from the object's first prompted slice to the end, then
+        backward from that slice to the start; ``forward`` runs from the first prompted slice to the
+        end, ``backward`` from the last prompted slice to the start. Either way every prompted slice
+        in the run's range is visited, and a prompted slice always keeps its own result.
 
         ``slice_range`` (inclusive) limits the run; results outside it are kept from earlier runs, so a
         correction can re-propagate only the part of the volume it concerns. ``stop_when_absent=k`` ends
-        a direction after k consecutive slices where SAM2's object score says the object is absent; the
-        rest of that direction is cleared. Raises PropagationCancelled (leaving the previous result in
-        place) when ``cancel`` fires; it is checked before every slice. ``largest_component`` keeps only
-        each object's largest 3D connected component (MedSAM2's post-processing), removing islands only
+        a direction after k consecutive slices where SAM2's object score says the object is absent: the
+        slices after that are cleared up to the object's next prompted slice in that direction, where
+        tracking resumes. Raises PropagationCancelled (leaving the previous result in place) when
+        ``cancel`` fires; it is checked before every slice. ``largest_component`` keeps only each
+        object's largest 3D connected component (MedSAM2's post-processing), removing islands only
         inside the slices this run covered.
         """
         if direction not in DIRECTIONS:
@@ -331,7 +350,7 @@ class SegmentationSession:
         for o in selected:
             if o not in self._state["obj_id_to_idx"]:
                 raise InvalidPromptError(f"unknown object id {o}")
-        is_cancelled = _cancel_check(cancel)
+        is_cancelled = cancel_check(cancel)
 
         predictor, state = self.predictor, self._state
         with torch.inference_mode(), autocast(self.device):
@@ -339,18 +358,22 @@ class SegmentationSession:
                 predictor.propagate_in_video_preflight(state)
             except RuntimeError as exc:  # an object whose prompts were all cleared: sam2's own message
                 raise InvalidPromptError(f"{exc}; or remove that object") from None
-            starts: dict[int, int] = {}
+            prompted: dict[int, set[int]] = {}
             for o in selected:
-                idx = predictor._obj_id_to_idx(state, o)
-                cond = [f for f in state["output_dict_per_obj"][idx]["cond_frame_outputs"] if lo <= f <= hi]
+                cond = [f for f in predictor.prompted_slices(state, o) if lo <= f <= hi]
                 if not cond:
                     raise InvalidPromptError(f"object {o} has no prompt between slices {lo} and {hi}")
-                starts[o] = min(cond)
+                prompted[o] = set(cond)
+            # Where each pass starts per object: forward from the first prompted slice; backward from
+            # the first too when the forward pass has covered the rest, else from the last.
+            start_forward = {o: min(prompted[o]) for o in selected}
+            start_backward = {o: min(prompted[o]) if direction == "both" else max(prompted[o]) for o in selected}
+            starts = {o: start_forward[o] if direction != "backward" else start_backward[o] for o in selected}
             passes: list[tuple[bool, list[int]]] = []
             if direction in ("both", "forward"):
-                passes.append((False, list(range(min(starts.values()), hi + 1))))
+                passes.append((False, list(range(min(start_forward.values()), hi + 1))))
             if direction in ("both", "backward"):
-                passes.append((True, list(range(max(starts.values()), lo - 1, -1))))
+                passes.append((True, list(range(max(start_backward.values()), lo - 1, -1))))
             total = sum(len(frames) for _, frames in passes)
 
             new_masks = {o: self._masks.get(o, np.zeros(self.shape, np.uint8)).copy() for o in selected}
@@ -375,8 +398,11 @@ class SegmentationSession:
                         if is_cancelled():
                             raise PropagationCancelled("propagation cancelled; the previous result is unchanged")
                         for o in selected:
-                            if (f < starts[o]) if not reverse else (f > starts[o]):
+                            if (f < start_forward[o]) if not reverse else (f > start_backward[o]):
                                 continue
+                            if f in prompted[o]:  # the user's own slice: tracking resumes here
+                                ended.discard(o)
+                                absent_run[o] = 0
                             if o in ended:
                                 self._clear_frame(o, f, new_masks, new_probs)
                                 continue
@@ -388,7 +414,9 @@ class SegmentationSession:
                             absent_run[o] = 0 if present else absent_run[o] + 1
                             if stop_when_absent is not None and absent_run[o] >= stop_when_absent:
                                 ended.add(o)
-                                stopped[o].append("backward" if reverse else "forward")
+                                way = "backward" if reverse else "forward"
+                                if way not in stopped[o]:
+                                    stopped[o].append(way)
                         done += 1
                         if progress:
                             progress(done, total)
@@ -422,28 +450,7 @@ class SegmentationSession:
 
     def _track(self, object_id: int, frame: int, reverse: bool) -> tuple[torch.Tensor, float]:
         """One object on one slice, exactly as SAM2VideoPredictor.propagate_in_video does it."""
-        predictor, state = self.predictor, self._state
-        idx = predictor._obj_id_to_idx(state, object_id)
-        out_dict = state["output_dict_per_obj"][idx]
-        if frame in out_dict["cond_frame_outputs"]:
-            current: dict[str, Any] = out_dict["cond_frame_outputs"][frame]
-            pred_masks = current["pred_masks"].to(state["device"], non_blocking=True)
-        else:
-            current, pred_masks = predictor._run_single_frame_inference(
-                inference_state=state,
-                output_dict=out_dict,
-                frame_idx=frame,
-                batch_size=1,
-                is_init_cond_frame=False,
-                point_inputs=None,
-                mask_inputs=None,
-                reverse=reverse,
-                run_mem_encoder=True,
-            )
-            out_dict["non_cond_frame_outputs"][frame] = current
-        state["frames_tracked_per_obj"][idx][frame] = {"reverse": reverse}
-        _, video_res = predictor._get_orig_video_res_output(state, pred_masks)
-        return video_res[0, 0], float(current["object_score_logits"].reshape(-1)[0])
+        return self.predictor.track_slice(self._state, object_id, frame, reverse)
 
     def _write_frame(
         self,
@@ -464,10 +471,7 @@ class SegmentationSession:
         self.layout.frame(masks[object_id], frame)[...] = 0
         if probs is not None:
             self.layout.frame(probs[object_id], frame)[...] = 0
-        idx = self.predictor._obj_id_to_idx(self._state, object_id)
-        if frame not in self._state["output_dict_per_obj"][idx]["cond_frame_outputs"]:
-            self._state["output_dict_per_obj"][idx]["non_cond_frame_outputs"].pop(frame, None)
-            self._state["frames_tracked_per_obj"][idx].pop(frame, None)
+        self.predictor.forget_tracked_slice(self._state, object_id, frame)
 
 
 def _keep_largest_component(mask: np.ndarray, layout: SliceLayout, covered: tuple[int, int]) -> None:
@@ -487,9 +491,7 @@ def _keep_largest_component(mask: np.ndarray, layout: SliceLayout, covered: tupl
     mask[islands & inside] = 0
 
 
-def _cancel_check(cancel: Optional[CancelCheck]) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    return cancel
+if TYPE_CHECKING:
+
+    def _conforms(session: SegmentationSession) -> Session:
+        return session  # mypy: SegmentationSession implements the Session protocol

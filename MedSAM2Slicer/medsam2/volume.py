@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InvalidVolumeError
-from .geometry import SliceLayout
+from medsam2.errors import InvalidVolumeError
+from medsam2.geometry import SliceLayout
 
 # numpy dtypes torch lacks (or handles poorly) and the narrowest torch dtype that holds them exactly
 # (float64 is the exception: float32 holds any real image intensity to far better than a grey level).

@@ -24,7 +24,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def random_model(config: str, seed: int) -> torch.nn.Module:
-    from medsam2.model import build_predictor
+    from medsam2.models.build import build_predictor
 
     return build_predictor(config, image_size=TEST_IMAGE_SIZE, seed=seed)
 

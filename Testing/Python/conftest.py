@@ -23,7 +23,7 @@ TEST_IMAGE_SIZE = 128
 
 @pytest.fixture(scope="session")
 def tiny_predictor():
-    from medsam2.model import build_predictor
+    from medsam2.models.build import build_predictor
 
     return build_predictor(TINY_21, image_size=TEST_IMAGE_SIZE, seed=0)
 

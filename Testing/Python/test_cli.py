@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from conftest import TEST_IMAGE_SIZE, TINY_21
 from medsam2.cli import main
-from medsam2.model import save_checkpoint
+from medsam2.models.build import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_demo_click_is_on_the_ventricle():
     """The demo's prompt must sit on dark CSF, not on the white matter around the ventricle."""
     from nilearn import datasets
 
-    from medsam2.cli_segment import DEMO_POINT_RAS
+    from medsam2.cli.demo import DEMO_POINT_RAS
     from medsam2.geometry import VolumeGeometry
 
     img = datasets.load_mni152_template(resolution=1)

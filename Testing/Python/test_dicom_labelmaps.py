@@ -9,8 +9,9 @@ from dicom_factory import rotation
 
 from medsam2.errors import InvalidVolumeError
 from medsam2.geometry import VolumeGeometry
-from medsam2.labelmaps import assign_layers, labelmap_array, write_nifti_labelmap, write_seg_nrrd
-from medsam2.segments import Segment
+from medsam2.io.seg_nrrd import assign_layers, write_seg_nrrd
+from medsam2.io.segments import Segment
+from medsam2.io.volumes import labelmap_array, write_nifti_labelmap
 
 GEOMETRY = VolumeGeometry((1.5, 2.0, 2.5), (10.0, -20.0, 30.0), tuple(rotation(20.0, -10.0, 30.0).ravel()))
 SHAPE = (12, 20, 16)

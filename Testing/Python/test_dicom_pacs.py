@@ -11,10 +11,10 @@ import pytest
 from dicom_factory import ct_values, mni_volume, write_series
 from dicom_tools import dciodvfy_errors, free_port, start_orthanc
 
-from medsam2.dicom_read import read_dicom_series
-from medsam2.pacs import PacsError, c_store, find_series, pull_series, read_series_from_dicomweb, stow_rs
-from medsam2.seg_export import build_dicom_seg, write_dicom_seg
-from medsam2.segments import Segment
+from medsam2.dicom.pacs import PacsError, c_store, find_series, pull_series, read_series_from_dicomweb, stow_rs
+from medsam2.dicom.seg_export import build_dicom_seg, write_dicom_seg
+from medsam2.dicom.series import read_dicom_series
+from medsam2.io.segments import Segment
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,10 @@ from dicom_factory import (
     write_series,
 )
 
-from medsam2.dicom_read import list_dicom_series, read_dicom_series
+from medsam2.dicom.series import list_dicom_series, read_dicom_series
 from medsam2.errors import InvalidVolumeError
 from medsam2.geometry import VolumeGeometry
-from medsam2.labelmaps import read_volume
+from medsam2.io.volumes import read_volume
 
 OBLIQUE = rotation(20.0, -10.0, 30.0)
 

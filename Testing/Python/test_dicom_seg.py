@@ -23,11 +23,11 @@ from dicom_tools import dciodvfy_errors, dcmqi_read
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from medsam2.dicom_read import DicomSeries, read_dicom_series
+from medsam2.dicom.seg_export import SegExportError, build_dicom_seg, write_dicom_seg
+from medsam2.dicom.series import DicomSeries, read_dicom_series
+from medsam2.dicom.terminology import _FINDINGS, _ORGANS, ABNORMAL_STRUCTURE, LEFT, RIGHT, TISSUE, terminology_for
 from medsam2.geometry import VolumeGeometry
-from medsam2.seg_export import SegExportError, build_dicom_seg, write_dicom_seg
-from medsam2.segments import Segment
-from medsam2.terminology import _FINDINGS, _ORGANS, ABNORMAL_STRUCTURE, LEFT, RIGHT, TISSUE, terminology_for
+from medsam2.io.segments import Segment
 
 MODEL = "SAM2.1 hiera tiny"
 CHECKPOINT = "/models/sam2.1_hiera_tiny.pt"

@@ -5,7 +5,6 @@ saved predictions, and against hand-computed values where a stand-in session pre
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -16,14 +15,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medsam2 import distributed as D
+from medsam2.cli.evaluate import main, run_evaluate
+from medsam2.cli.main import build_parser
+from medsam2.datasets import prompts as DP
+from medsam2.datasets.layouts import parse_label_spec, read_image
 from medsam2.errors import InvalidPromptError, InvalidVolumeError, MedSAM2Error
 from medsam2.evaluation import EvaluationSettings, PromptProtocol, evaluate_dataset, open_dataset
 from medsam2.evaluation import protocols as P
 from medsam2.evaluation import runner as R
-from medsam2.evaluation.cli_evaluate import add_evaluate_parser, main, run_evaluate
-from medsam2.evaluation.datasets import parse_label_spec, read_image
-from medsam2.evaluation.files import read_csv
 from medsam2.evaluation.metrics import compute_metrics, slice_overlap
+from medsam2.io.tables import read_csv
 
 N_SLICES = 12  # slices per test volume: encoding them is most of the run time
 
@@ -84,7 +86,7 @@ def mni_msd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor():
-    from medsam2.model import build_predictor
+    from medsam2.models.build import build_predictor
 
     return build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
 
@@ -233,34 +235,34 @@ def stack(areas):
 def test_slice_choice():
     rng = np.random.default_rng(0)
     mask = stack([0, 0, 1, 5, 9, 3, 3, 7, 2, 0])
-    assert P.choose_slices(mask, 0, "middle", 1, rng) == [5]  # extent 2..8, middle 5
-    assert P.choose_slices(mask, 0, "middle", 2, rng) == [4, 6]  # nearest to 4 and 6
-    assert P.choose_slices(mask, 0, "largest", 1, rng) == [4]
-    assert P.choose_slices(mask, 0, "largest", 3, rng) == [3, 4, 7]
+    assert DP.choose_slices(mask, 0, "middle", 1, rng) == [5]  # extent 2..8, middle 5
+    assert DP.choose_slices(mask, 0, "middle", 2, rng) == [4, 6]  # nearest to 4 and 6
+    assert DP.choose_slices(mask, 0, "largest", 1, rng) == [4]
+    assert DP.choose_slices(mask, 0, "largest", 3, rng) == [3, 4, 7]
     gap = stack([0, 0, 4, 4, 0, 0, 0, 0, 4, 4])
     # the middle (5.5) is empty: the nearest object slice, the lower one on a tie
-    assert P.choose_slices(gap, 0, "middle", 1, rng) == [3]
-    picks = P.choose_slices(mask, 0, "random", 3, P.case_rng(1, "case", "liver"))
-    assert picks == P.choose_slices(mask, 0, "random", 3, P.case_rng(1, "case", "liver"))  # seeded
+    assert DP.choose_slices(gap, 0, "middle", 1, rng) == [3]
+    picks = DP.choose_slices(mask, 0, "random", 3, DP.case_rng(1, "case", "liver"))
+    assert picks == DP.choose_slices(mask, 0, "random", 3, DP.case_rng(1, "case", "liver"))  # seeded
     assert len(set(picks)) == 3 and all(mask[s].any() for s in picks)
-    assert P.choose_slices(mask, 0, "largest", 50, rng) == [2, 3, 4, 5, 6, 7, 8]  # capped at the object
+    assert DP.choose_slices(mask, 0, "largest", 50, rng) == [2, 3, 4, 5, 6, 7, 8]  # capped at the object
     with pytest.raises(InvalidPromptError, match="absent"):
-        P.choose_slices(np.zeros((3, 4, 4), bool), 0, "middle", 1, rng)
+        DP.choose_slices(np.zeros((3, 4, 4), bool), 0, "middle", 1, rng)
 
 
 def test_box_and_click_prompts():
     m = np.zeros((20, 30), bool)
     m[5:11, 8:20] = True
-    assert P.box_prompt(m, 0, np.random.default_rng(0)) == (5, 8, 10, 19)
+    assert DP.box_prompt(m, 0, np.random.default_rng(0)) == (5, 8, 10, 19)
     for seed in range(20):
-        r0, c0, r1, c1 = P.box_prompt(m, 3, np.random.default_rng(seed))
+        r0, c0, r1, c1 = DP.box_prompt(m, 3, np.random.default_rng(seed))
         assert abs(r0 - 5) <= 3 and abs(c0 - 8) <= 3 and abs(r1 - 10) <= 3 and abs(c1 - 19) <= 3
         assert r1 > r0 and c1 > c0
-    assert P.box_prompt(m, 3, np.random.default_rng(4)) == P.box_prompt(m, 3, np.random.default_rng(4))
+    assert DP.box_prompt(m, 3, np.random.default_rng(4)) == DP.box_prompt(m, 3, np.random.default_rng(4))
     line = np.zeros((20, 30), bool)
     line[19, 3:9] = True  # one row thin, on the last row: widened upwards
-    assert P.box_prompt(line, 0, np.random.default_rng(0)) == (18, 3, 19, 8)
-    points, labels = P.click_prompt(m, 3, 2, np.random.default_rng(5))
+    assert DP.box_prompt(line, 0, np.random.default_rng(0)) == (18, 3, 19, 8)
+    points, labels = DP.click_prompt(m, 3, 2, np.random.default_rng(5))
     assert labels == (1, 1, 1, 0, 0) and len(set(points)) == 5
     assert points[0] == (7, 10)  # interior-most pixel (distance 3), first in raster order
     assert all(m[p] for p in points[:3]) and not any(m[p] for p in points[3:])
@@ -375,7 +377,7 @@ def test_known_prediction_gives_exact_metrics_in_csv_and_table(tmp_path, monkeyp
 
 
 def test_report_names_cases_not_evaluated_yet(sharded_run, tmp_path):
-    from medsam2.evaluation.datasets import CaseRecord
+    from medsam2.datasets.layouts import CaseRecord
     from medsam2.evaluation.report import write_report
 
     copy = tmp_path / "copy"
@@ -551,12 +553,10 @@ def test_cli_needs_a_model_and_an_existing_dataset(mni_msd, tmp_path, capsys):
 
 
 def test_add_evaluate_parser_registers_the_subcommand(tmp_path):
-    parser = argparse.ArgumentParser(prog="medsam2")
-    add_evaluate_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         ["evaluate", "data", "--out", str(tmp_path), "--model", "MedSAM2_latest", "--rounds", "3"]
     )
-    assert args.func is run_evaluate and args.dataset == "data" and args.rounds == 3 and args.prompt == "mask"
+    assert args.handler is run_evaluate and args.dataset == "data" and args.rounds == 3 and args.prompt == "mask"
 
 
 def test_rank_info_reads_torchrun_variables(monkeypatch):
@@ -564,9 +564,9 @@ def test_rank_info_reads_torchrun_variables(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert R.rank_info() == R.RankInfo(2, 4, 0, False)
+    assert D.rank_info() == D.RankInfo(2, 4, 0, False)
     cases = [SimpleNamespace(case_id=str(i)) for i in range(10)]
     assert [c.case_id for c in R.cases_for_rank(cases, 2, 4)] == ["2", "6"]
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(MedSAM2Error, match="outside"):
-        R.rank_info()
+        D.rank_info()

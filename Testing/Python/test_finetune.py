@@ -21,26 +21,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from medsam2.cli.finetune import main
+from medsam2.datasets.training import open_training_dataset, split_cases
 from medsam2.errors import InvalidVolumeError, MedSAM2Error
 from medsam2.evaluation import EvaluationSettings, PromptProtocol
 from medsam2.finetune import FinetuneSettings
-from medsam2.finetune.cli_finetune import main
-from medsam2.finetune.data import (
-    CaseStore,
-    ClipSampler,
-    open_training_dataset,
-    resize_masks,
-    split_cases,
-)
+from medsam2.finetune.data import CaseStore, resize_masks
 from medsam2.finetune.forward import FinetuneModel
 from medsam2.finetune.heads import boundary_head_for, srpp_head_for
 from medsam2.finetune.losses import LossWeights, boundary_loss, boundary_targets
+from medsam2.finetune.sampler import ClipSampler
 from medsam2.finetune.validation import validate
 from medsam2.geometry import SliceLayout, VolumeGeometry
 from medsam2.intensity import IntensityPreparation
-from medsam2.labelmaps import write_seg_nrrd
-from medsam2.model import build_predictor
-from medsam2.segments import Segment
+from medsam2.io.seg_nrrd import write_seg_nrrd
+from medsam2.io.segments import Segment
+from medsam2.models.build import build_predictor
 from medsam2.session import SegmentationSession
 
 TINY_21 = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -188,7 +184,7 @@ def test_resume_continues_the_saved_run(trained):
 
 
 def test_exported_checkpoint_loads_in_the_engine_and_segments(trained, cases):
-    from medsam2.registry import load_model
+    from medsam2.models.registry import load_model
 
     best = trained.out / "best.pt"
     raw = torch.load(best, weights_only=True)
@@ -277,7 +273,7 @@ def test_bad_data_is_reported_with_the_file_before_training(tmp_path, cases, sta
 def test_interrupted_run_is_saved_and_resumes_mid_epoch(tmp_path, mni, monkeypatch):
     """Ctrl+C during an epoch keeps the finished steps; --resume goes on from the very next one."""
     from medsam2.finetune import finetune
-    from medsam2.finetune.data import ClipSampler as Sampler
+    from medsam2.finetune.sampler import ClipSampler as Sampler
 
     settings = FinetuneSettings(
         str(mni), str(tmp_path / "out"), config=TINY_21, labels=(WM,), clip_length=3, epochs=1, steps=3,
@@ -596,7 +592,7 @@ def test_torchrun_two_processes_train_with_no_change(tmp_path, mni, start_checkp
     env = {**os.environ, "PYTHONPATH": str(REPO / "MedSAM2Slicer")}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "medsam2.finetune.cli_finetune", str(mni), "--checkpoint", str(start_checkpoint),
+        "-m", "medsam2.cli.finetune", str(mni), "--checkpoint", str(start_checkpoint),
         "--out", str(out), "--label", WM, "--epochs", "1", "--steps", "2", "--clip-length", "3",
         "--val-fraction", "0.34", "--device", "cpu", "--json",
     ]  # fmt: skip
@@ -607,6 +603,6 @@ def test_torchrun_two_processes_train_with_no_change(tmp_path, mni, start_checkp
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and state["rng"]["world_size"] == 2 and len(state["rng"]["numpy"]) == 2
     assert [r["scored"] for r in state["history"]["validation"]] == [2, 2]  # one case per process, summed
-    from medsam2.registry import load_model
+    from medsam2.models.registry import load_model
 
     load_model(checkpoint=out / "model.pt")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import TEST_IMAGE_SIZE, TINY_21
 from medsam2 import IntensityPreparation, SegmentationSession
-from medsam2.model import ENGINE_OVERRIDES, image_size_overrides, save_checkpoint
+from medsam2.models.build import ENGINE_OVERRIDES, image_size_overrides, save_checkpoint
 
 NUM_SLICES = 14
 IDENTITY_WINDOW = IntensityPreparation.window(255.0, 127.5)  # x -> x / 255, exactly as the reference

@@ -9,7 +9,7 @@ import pytest
 
 from medsam2 import InvalidPromptError, VolumeGeometry
 from medsam2.geometry import SliceLayout
-from medsam2.prompt_files import parse_box, parse_triplet, read_prompt_file
+from medsam2.io.prompt_files import parse_box, parse_triplet, read_prompt_file
 
 # anisotropic, LPS origin away from zero, rotated 90 degrees in-plane: errors in the conversions show
 GEOMETRY = VolumeGeometry(spacing=(0.5, 0.8, 2.5), origin=(12.0, -30.0, 40.0), direction=(0, -1, 0, 1, 0, 0, 0, 0, 1))

@@ -27,11 +27,13 @@ import pytest
 import torch
 
 # isort: split
-from medsam2 import cli_models, hub, registry
+from medsam2.cli import models as cli_models
 from medsam2.errors import ModelError
 from medsam2.intensity import IntensityPreparation
-from medsam2.model import build_predictor, compose_model_config
-from medsam2.registry import DEFAULT_MODEL, get_model, list_models, load_model, resolve_checkpoint
+from medsam2.models import catalogue, hub, registry
+from medsam2.models.build import build_predictor, compose_model_config
+from medsam2.models.catalogue import DEFAULT_MODEL, get_model, list_models
+from medsam2.models.registry import load_model, resolve_checkpoint
 
 # isort: split
 from checkpoint_factory import (
@@ -504,7 +506,7 @@ def test_download_whose_bytes_do_not_match_the_hub_sha256_is_removed(fake_hub, h
 def test_download_that_differs_from_a_certain_catalogue_sha256_is_refused(fake_hub, monkeypatch):
     entry = get_model("sam2.1-tiny")
     monkeypatch.setitem(
-        registry._CATALOGUE, entry.name, dataclasses.replace(entry, sha256="cd" * 32, sha256_certain=True)
+        catalogue._CATALOGUE, entry.name, dataclasses.replace(entry, sha256="cd" * 32, sha256_certain=True)
     )
     fake_hub.add(entry.repo_id, entry.filename, os.urandom(50_000))
     with pytest.raises(ModelError) as exc:
@@ -616,11 +618,11 @@ def test_cli_download_with_the_main_cli_shared_options(fake_hub, capsys):
     common.add_argument("--json", action="store_true")
     common.add_argument("--quiet", action="store_true")
     parser = argparse.ArgumentParser(prog="medsam2")
-    cli_models.add_models_parser(parser.add_subparsers(dest="command"), parents=[common])
+    handler = cli_models.register(parser.add_subparsers(dest="command"), common)
     payload = os.urandom(20_000)
     fake_hub.add("facebook/sam2-hiera-large", "sam2_hiera_large.pt", payload)
     args = parser.parse_args(["models", "download", "sam2-large", "--json"])
     out = io.StringIO()
-    assert args.func(args, out) == 0
+    assert handler(args, out) == 0
     result = json.loads(out.getvalue())
     assert result["ok"] and Path(result["models"][0]["path"]).read_bytes() == payload

@@ -4,7 +4,6 @@ SegmentationSession gives on the same volume, prompts and (random, seeded) weigh
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gzip
 import http.client
@@ -28,6 +27,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from medsam2.cli.main import build_parser
+from medsam2.cli.main import main as cli_main
 from medsam2.errors import (
     InvalidPromptError,
     InvalidVolumeError,
@@ -36,7 +37,7 @@ from medsam2.errors import (
     PropagationCancelled,
 )
 from medsam2.geometry import VolumeGeometry
-from medsam2.model import build_predictor
+from medsam2.models.build import build_predictor
 from medsam2.remote import (
     AuthenticationError,
     RemoteSession,
@@ -44,8 +45,9 @@ from medsam2.remote import (
     ServerUnavailableError,
     SessionBusyError,
     SessionExpiredError,
+    wire,
 )
-from medsam2.server import serve, wire
+from medsam2.server import serve
 from medsam2.server.app import create_app
 from medsam2.server.locking import FairLock, SerialisedPredictor
 from medsam2.server.settings import TOKEN_ENV, ServerConfigError, ServerSettings
@@ -308,16 +310,19 @@ def test_server_refuses_to_start_without_a_strong_token(predictor, tmp_path):
         create_app(ServerSettings(token=TOKEN, tls_certfile=str(token_file)), factory)
 
 
+def serve_main(argv: list[str]) -> int:
+    """``medsam2 serve ARGV...``, in this process (the registry and uvicorn are stood in for)."""
+    return cli_main(["serve", *argv])
+
+
 def test_default_bind_is_loopback_and_the_serve_command(predictor, monkeypatch, capsys, tmp_path):
     assert ServerSettings().host == "127.0.0.1" and ServerSettings().loopback_only
     assert not ServerSettings(host="0.0.0.0").loopback_only
-    parser = argparse.ArgumentParser(prog="medsam2")
-    serve.add_serve_parser(parser.add_subparsers())  # how the command line wires it
-    args = parser.parse_args(["serve", "--model", MODEL])
-    assert args.host == "127.0.0.1" and args.func is serve.run_server
+    args = build_parser().parse_args(["serve", "--model", MODEL])  # how the command line wires it
+    assert args.host == "127.0.0.1" and args.handler is serve.run_server
 
     # The registry is stood in for (its own tests cover it): this checks the server's use of it.
-    registry = types.ModuleType("medsam2.registry")
+    registry = types.ModuleType("medsam2.models.registry")
     registry.DEFAULT_MODEL = "registry-default"  # type: ignore[attr-defined]
     loads: list[tuple[Any, ...]] = []
 
@@ -328,18 +333,18 @@ def test_default_bind_is_loopback_and_the_serve_command(predictor, monkeypatch, 
         return predictor, object()
 
     registry.load_model = load_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "medsam2.registry", registry)
+    monkeypatch.setitem(sys.modules, "medsam2.models.registry", registry)
     started: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    assert serve.main(["--model", MODEL]) == 2
+    assert serve_main(["--model", MODEL]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("medsam2 serve: error: no API token") and "\n" not in err and "Traceback" not in err
     assert not started
 
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    assert serve.main(["--device", "cpu", "--max-sessions", "2"]) == 0
+    assert serve_main(["--device", "cpu", "--max-sessions", "2"]) == 0
     assert started["host"] == "127.0.0.1" and started["port"] == 8765 and started["ssl_certfile"] is None
     settings = started["app"].state.settings
     assert settings.models == ("registry-default",) and settings.max_sessions == 2
@@ -356,14 +361,14 @@ def test_default_bind_is_loopback_and_the_serve_command(predictor, monkeypatch, 
         "--device",
         "cpu",
     ]
-    assert serve.main(argv) == 0
+    assert serve_main(argv) == 0
     assert started["app"].state.settings.models == ("my_finetune",)
     assert loads[-1] == (None, str(checkpoint), "configs/x.yaml", 512, "cpu")
 
-    assert serve.main(["--model", "missing", "--device", "cpu"]) == 3  # the command line's "model" exit code
+    assert serve_main(["--model", "missing", "--device", "cpu"]) == 3  # the command line's "model" exit code
     assert "unknown model 'missing'" in capsys.readouterr().err
-    assert serve.main(["--checkpoint", "a.pt", "--model", "a", "--model", "b"]) == 2
-    assert serve.main(["--model", MODEL, "--tls-cert", str(checkpoint)]) == 2
+    assert serve_main(["--checkpoint", "a.pt", "--model", "a", "--model", "b"]) == 2
+    assert serve_main(["--model", MODEL, "--tls-cert", str(checkpoint)]) == 2
     assert "both a certificate" in capsys.readouterr().err
 
 

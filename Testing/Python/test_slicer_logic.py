@@ -184,7 +184,7 @@ def _world_matrix(case):
 
 @pytest.fixture(scope="module")
 def predictor():
-    from medsam2.model import build_predictor
+    from medsam2.models.build import build_predictor
 
     return build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
 

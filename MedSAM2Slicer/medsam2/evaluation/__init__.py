@@ -10,10 +10,11 @@ the volume) and metrics (Dice, IoU, NSD, HD95 in mm) on any labelled dataset.
 Modules: metrics (numpy/scipy only), datasets, protocols, runner, report, cli_evaluate.
 """
 
-from .datasets import EvaluationDataset, LabelSpec, open_dataset
-from .metrics import SegmentationMetrics, compute_metrics
-from .protocols import PromptProtocol
-from .runner import EvaluationRun, EvaluationSettings, evaluate_dataset
+from medsam2.datasets.layouts import EvaluationDataset, LabelSpec, open_dataset
+from medsam2.evaluation.metrics import SegmentationMetrics, compute_metrics
+from medsam2.evaluation.protocols import PromptProtocol
+from medsam2.evaluation.runner import EvaluationRun, evaluate_dataset
+from medsam2.evaluation.settings import EvaluationSettings
 
 __all__ = [
     "EvaluationDataset",

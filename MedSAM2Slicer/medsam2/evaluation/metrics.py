@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InvalidVolumeError
+from medsam2.errors import InvalidVolumeError
 
 METRIC_NAMES = ("dice", "iou", "nsd", "hd95")
 

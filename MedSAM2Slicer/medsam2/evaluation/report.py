@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from .datasets import CaseRecord, EvaluationDataset
-from .files import read_csv, write_atomic, write_csv_atomic, write_text_atomic
-from .metrics import METRIC_NAMES
+from medsam2.datasets.layouts import CaseRecord, EvaluationDataset
+from medsam2.evaluation.metrics import METRIC_NAMES
+from medsam2.evaluation.outputs import CASE_FIELDS, SLICE_FIELDS, case_csv, case_finished, error_file, slices_csv
+from medsam2.io.atomic import write_atomic, write_text_atomic
+from medsam2.io.tables import read_csv, write_csv_atomic
 
 if TYPE_CHECKING:
-    from .runner import EvaluationSettings
+    from medsam2.evaluation.settings import EvaluationSettings
 
 TITLES = {"dice": "Dice", "iou": "IoU", "nsd": "NSD", "hd95": "HD95 (mm)"}
 
@@ -76,7 +78,6 @@ class LabelSummary:
 
 
 def read_results(out_dir: Path, cases: Sequence[CaseRecord]) -> Results:
-    from .runner import case_csv, case_finished, error_file, slices_csv
 
     results = Results([], [], [], [], {})
     for record in cases:
@@ -312,7 +313,6 @@ def write_report(
     settings: EvaluationSettings,
     model: str = "",
 ) -> ReportPaths:
-    from .runner import CASE_FIELDS, SLICE_FIELDS
 
     out_dir = Path(out_dir)
     results = read_results(out_dir, cases)

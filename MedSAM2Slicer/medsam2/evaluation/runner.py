@@ -1,22 +1,6 @@
 """Evaluate a predictor on every case of a dataset: simulated prompts, propagation, metrics, files.
 
-Output folder
--------------
-``run.json``                    what was evaluated and how (a resumed run must match it)
-``cases/<case>.csv``            one row per label and interaction round (written last: its presence
-                                marks the case finished, and a resumed run skips it)
-``cases/<case>.slices.csv``     per-slice voxel counts and Dice along the propagation, every round
-``cases/<case>.error.txt``      why a case could not be evaluated (retried by a resumed run)
-``predictions/<case>/<label>.nii.gz``  final masks, when asked for
-plus the merged tables, summary and plots that :mod:`.report` writes.
-
-Case rows: ``round`` 0 is the propagation from the simulated prompts, round r the one after the r-th
-corrective click; ``status`` is ok, absent (the label is not in this case's ground truth: nothing to
-prompt, not scored) or failed: <reason>; ``prompt`` lists what that round added; ``seconds`` counts
-from the label's first prompt (the first label of a case also pays for encoding the slices);
-``per_slice_dice`` is filled by the Medical-SAM2 protocol only. Metrics of that protocol are computed
-on its slice range; otherwise on the whole volume. Slice rows exist where the ground truth or the
-prediction is non-empty; ``offset`` is the signed distance in slices to the nearest prompted slice.
+Output files: :mod:`medsam2.evaluation.outputs`.
 
 Several GPUs
 ------------
@@ -32,134 +16,39 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..errors import InvalidPromptError, MedSAM2Error
-from ..geometry import VolumeGeometry
-from ..predictor import EngineVideoPredictor
-from ..session import DIRECTIONS, SegmentationSession
-from .datasets import CaseRecord, EvaluationDataset, LabelSpec, LoadedCase
-from .files import read_csv, safe_name, write_atomic, write_csv_atomic, write_text_atomic
-from .metrics import compute_metrics, slice_overlap
-from .protocols import (
-    PromptProtocol,
+from medsam2.datasets.layouts import CaseRecord, EvaluationDataset, LabelSpec, LoadedCase
+from medsam2.datasets.prompts import case_rng
+from medsam2.distributed import RankInfo, barrier, rank_info
+from medsam2.errors import InvalidPromptError, MedSAM2Error
+from medsam2.evaluation.metrics import compute_metrics, slice_overlap
+from medsam2.evaluation.outputs import CASE_FIELDS, SLICE_FIELDS, case_csv, case_finished, error_file, slices_csv
+from medsam2.evaluation.protocols import (
     SlicePrompt,
     apply_prompt,
-    case_rng,
     correction_click,
     medical_sam2_plan,
     simulate_prompts,
 )
+from medsam2.evaluation.report import write_report
+from medsam2.evaluation.settings import EvaluationSettings
+from medsam2.geometry import VolumeGeometry
+from medsam2.io.atomic import write_atomic, write_text_atomic
+from medsam2.io.tables import safe_name, write_csv_atomic
+from medsam2.predictor import EngineVideoPredictor
+from medsam2.session import SegmentationSession
 
-CASE_FIELDS = (
-    "case", "label", "values", "round", "status", "dice", "iou", "nsd", "hd95", "gt_voxels", "pred_voxels",
-    "per_slice_dice", "prompted_slices", "prompt", "seconds",
-)  # fmt: skip
-SLICE_FIELDS = (
-    "case",
-    "label",
-    "round",
-    "slice",
-    "offset",
-    "gt_voxels",
-    "pred_voxels",
-    "intersection",
-    "dice",
-)
 OBJECT_ID = 1
 Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class EvaluationSettings:
-    protocol: PromptProtocol = field(default_factory=PromptProtocol)
-    direction: str = "both"
-    stop_when_absent: Optional[int] = None
-    axis: str = "axial"
-    intensity: Optional[str] = None  # parse_intensity text ("abdomen", "400,40", "mri"); None: min-max
-    tolerance_mm: float = 1.0
-    memory_budget_bytes: Optional[int] = None
-    save_predictions: bool = False
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise InvalidPromptError(
-                f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}"
-            )
-        if self.stop_when_absent is not None and self.stop_when_absent < 1:
-            raise InvalidPromptError(
-                f"stop-when-absent must be at least 1 slice, got {self.stop_when_absent}"
-            )
-        if not self.tolerance_mm >= 0:
-            raise InvalidPromptError(
-                f"NSD tolerance must be a non-negative number of mm, got {self.tolerance_mm}"
-            )
-        if self.protocol.per_slice and self.protocol.rounds:
-            raise InvalidPromptError(
-                "the Medical-SAM2 per-slice protocol has no interaction rounds; use --rounds 0"
-            )
-
-    def as_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("memory_budget_bytes")  # changes nothing in the results; free to differ on resume
-        out.pop("save_predictions")
-        return out
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    launched: bool  # started by torchrun (a process group can be formed)
-
-
-def rank_info() -> RankInfo:
-    """This process's place among torchrun's processes (rank 0 of 1 when not launched by it)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise MedSAM2Error(
-            "RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)"
-        ) from None
-    if world < 1 or not 0 <= rank < world:
-        raise MedSAM2Error(f"rank {rank} is outside a world of {world} processes")
-    return RankInfo(rank, world, local, world > 1 and "MASTER_ADDR" in os.environ)
-
-
 def cases_for_rank(cases: list[CaseRecord], rank: int, world_size: int) -> list[CaseRecord]:
     return [case for i, case in enumerate(cases) if i % world_size == rank]
-
-
-def case_csv(out_dir: Path, case_id: str) -> Path:
-    return out_dir / "cases" / f"{safe_name(case_id)}.csv"
-
-
-def slices_csv(out_dir: Path, case_id: str) -> Path:
-    return out_dir / "cases" / f"{safe_name(case_id)}.slices.csv"
-
-
-def error_file(out_dir: Path, case_id: str) -> Path:
-    return out_dir / "cases" / f"{safe_name(case_id)}.error.txt"
-
-
-def case_finished(out_dir: Path, case_id: str) -> bool:
-    """A case is finished when its CSV holds rows for it (files are only ever written whole)."""
-    path = case_csv(out_dir, case_id)
-    if not path.is_file():
-        return False
-    try:
-        rows = read_csv(path)
-    except (OSError, ValueError):
-        return False
-    return bool(rows) and all(row.get("case") == case_id for row in rows)
 
 
 @dataclass
@@ -343,21 +232,6 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
         write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _barrier(info: RankInfo, timeout_s: float) -> None:
-    import torch.distributed as dist
-
-    created = False
-    if not dist.is_initialized():
-        # gloo: the ranks exchange nothing but "done", and gloo works with or without GPUs.
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-        created = True
-    try:
-        dist.barrier()
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
 @dataclass
 class EvaluationRun:
     rank: int
@@ -386,7 +260,6 @@ def evaluate_dataset(
     ``model`` describes the weights (name, checkpoint) for run.json and the summary. ``rank`` and
     ``world_size`` default to torchrun's environment variables; ``limit`` takes the first cases only.
     """
-    from .report import write_report
 
     settings = settings or EvaluationSettings()
     say: Log = log or (lambda _msg: None)
@@ -436,7 +309,7 @@ def evaluate_dataset(
         say(f"[{n}/{len(mine)}] {record.case_id}: Dice {shown} ({time.perf_counter() - started:.1f} s)")
 
     if info.launched:
-        _barrier(info, barrier_timeout_s)
+        barrier(info, barrier_timeout_s)
     if info.rank == 0:
         run.report = write_report(out, dataset, cases, settings, model=model)
     return run

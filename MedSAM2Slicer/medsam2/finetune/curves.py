@@ -9,7 +9,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from ..atomic import atomic_output
+from medsam2.io.atomic import atomic_output
 
 LOSS_KEYS = (("total", "total"), ("seg", "segmentation"), ("srpp", "SRPP"), ("bd", "boundary"))
 

@@ -1,8 +1,8 @@
 """The fine-tuned model as the engine loads it: a self-describing checkpoint.
 
 ``{"model": state_dict, "config": ..., "image_size": ..., "intensity": ...}`` is the layout
-:mod:`medsam2.checkpoints` reads (plain tensors, strings and ints: it loads with weights_only=True),
-so ``medsam2.registry.load_model(checkpoint=path)`` rebuilds the same model with the same input size
+:mod:`medsam2.models.checkpoints` reads (plain tensors, strings and ints: it loads with weights_only=True),
+so ``medsam2.models.registry.load_model(checkpoint=path)`` rebuilds the same model with the same input size
 and intensity preparation, with no other argument. The training heads (SRPP, BD) are not part of it:
 the engine never needs them. Written to a temporary file and renamed, so a crash never leaves a
 truncated model where the user expects one.
@@ -19,8 +19,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..atomic import atomic_output
-from ..errors import ModelError
+from medsam2.errors import ModelError
+from medsam2.io.atomic import atomic_output
 
 
 def finetuned_checkpoint(model: nn.Module, config: str, image_size: int, intensity: str) -> dict[str, object]:

@@ -23,10 +23,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..predictor import EngineVideoPredictor
-from .data import TrainBatch
-from .heads import BoundaryHead, SRPPHead
-from .losses import (
+from medsam2.finetune.data import TrainBatch
+from medsam2.finetune.heads import BoundaryHead, SRPPHead
+from medsam2.finetune.losses import (
     LossWeights,
     boundary_loss,
     boundary_targets,
@@ -34,6 +33,7 @@ from .losses import (
     segmentation_total,
     srpp_loss,
 )
+from medsam2.predictor import EngineVideoPredictor
 
 FrameFeatures = tuple[list[torch.Tensor], list[torch.Tensor]]  # backbone FPN levels, position encodings
 

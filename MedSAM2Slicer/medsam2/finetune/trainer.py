@@ -38,29 +38,23 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_output
-from ..errors import MedSAM2Error, ModelError
-from ..evaluation.protocols import PromptProtocol
-from ..evaluation.runner import EvaluationSettings, RankInfo, rank_info
-from ..geometry import SliceLayout, VolumeGeometry
-from ..intensity import parse_intensity
-from ..predictor import EngineVideoPredictor
-from .curves import plot_curves
-from .data import (
-    MODES,
-    PROMPT_KINDS_2D,
-    PROMPT_KINDS_3D,
-    CaseStore,
-    ClipSampler,
-    TrainingDataset,
-    open_training_dataset,
-    split_cases,
-)
-from .export import export_checkpoint, keep_copy
-from .forward import FinetuneModel
-from .heads import boundary_head_for, srpp_head_for
-from .losses import LossWeights
-from .validation import reduce_validation, validate
+from medsam2.datasets.training import TrainingDataset, open_training_dataset, split_cases
+from medsam2.distributed import RankInfo, rank_info
+from medsam2.errors import MedSAM2Error, ModelError
+from medsam2.evaluation.protocols import PromptProtocol
+from medsam2.evaluation.settings import EvaluationSettings
+from medsam2.finetune.curves import plot_curves
+from medsam2.finetune.data import CaseStore
+from medsam2.finetune.export import export_checkpoint, keep_copy
+from medsam2.finetune.forward import FinetuneModel
+from medsam2.finetune.heads import boundary_head_for, srpp_head_for
+from medsam2.finetune.losses import LossWeights
+from medsam2.finetune.sampler import MODES, PROMPT_KINDS_2D, PROMPT_KINDS_3D, ClipSampler
+from medsam2.finetune.validation import reduce_validation, validate
+from medsam2.geometry import SliceLayout, VolumeGeometry
+from medsam2.intensity import parse_intensity
+from medsam2.io.atomic import atomic_output
+from medsam2.predictor import EngineVideoPredictor
 
 Log = Callable[[str], None]
 
@@ -191,7 +185,7 @@ def _layout_for(axis: str) -> Callable[[VolumeGeometry], SliceLayout]:
 
 
 def _device(settings: FinetuneSettings, info: RankInfo) -> torch.device:
-    from ..devices import resolve_device
+    from medsam2.devices import resolve_device
 
     device = resolve_device(settings.device)
     if info.world_size > 1 and device.type == "cuda":
@@ -250,7 +244,7 @@ def _intensity_spec(settings: FinetuneSettings, entry: Any, dataset: TrainingDat
 def _load_model(settings: FinetuneSettings, device: torch.device) -> tuple[EngineVideoPredictor, Any]:
     if not settings.model and not settings.checkpoint:
         raise ModelError("no starting model given; pass --model NAME or --checkpoint FILE")
-    from ..registry import load_model
+    from medsam2.models.registry import load_model
 
     predictor, entry = load_model(
         name=settings.model,
@@ -610,8 +604,8 @@ def _restore(
     train_ids: list[str],
     val_ids: list[str],
 ) -> tuple[int, float, dict[str, list[dict[str, Any]]]]:
-    from ..checkpoints import torch_load_weights_only
-    from ..model import load_state_dict_strict
+    from medsam2.models.build import load_state_dict_strict
+    from medsam2.models.checkpoints import torch_load_weights_only
 
     path = out / STATE_FILE
     if not path.is_file():

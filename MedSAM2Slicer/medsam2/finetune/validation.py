@@ -16,14 +16,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import InvalidPromptError
-from ..evaluation.datasets import LabelSpec, LoadedCase
-from ..evaluation.metrics import dice
-from ..evaluation.protocols import box_prompt, case_rng, choose_slices, click_prompt, cut
-from ..evaluation.runner import EvaluationSettings, evaluate_label
-from ..predictor import EngineVideoPredictor
-from ..session import SegmentationSession
-from .data import TrainingDataset
+from medsam2.datasets.layouts import LabelSpec, LoadedCase
+from medsam2.datasets.prompts import box_prompt, case_rng, choose_slices, click_prompt, cut
+from medsam2.datasets.training import TrainingDataset
+from medsam2.errors import InvalidPromptError
+from medsam2.evaluation.metrics import dice
+from medsam2.evaluation.runner import evaluate_label
+from medsam2.evaluation.settings import EvaluationSettings
+from medsam2.predictor import EngineVideoPredictor
+from medsam2.session import SegmentationSession
 
 OBJECT_ID = 1
 

@@ -26,47 +26,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
-from ..errors import (
+from medsam2 import __version__
+from medsam2.api import DIRECTIONS, PropagationResult
+from medsam2.errors import (
     InvalidPromptError,
     InvalidVolumeError,
     MedSAM2Error,
     MemoryBudgetError,
     PropagationCancelled,
 )
-from ..geometry import VolumeGeometry
-from ..intensity import IntensityPreparation, parse_intensity
-from ..session import DIRECTIONS, PropagationResult
-from .auth import OPEN_PATHS, BearerTokenMiddleware
-from .limits import BodyLimitMiddleware
-from .schemas import (
-    BoxPrompt,
-    CacheOut,
-    ErrorOut,
-    HealthOut,
-    MaskPrompt,
-    PointsPrompt,
-    Prompt,
-    PropagateRequest,
-    RunOut,
-    ServerInfoOut,
-    SessionOut,
-    SlicePreviewOut,
-)
-from .sessions import (
-    BadRequestError,
-    LiveSession,
-    ManagedSession,
-    PredictorFactory,
-    RequestTooLargeError,
-    Run,
-    ServerFullError,
-    SessionBusyError,
-    SessionManager,
-    SessionNotFoundError,
-)
-from .settings import ServerSettings
-from .wire import (
+from medsam2.geometry import VolumeGeometry
+from medsam2.intensity import IntensityPreparation, parse_intensity
+from medsam2.remote.wire import (
     ENCODING_HEADER,
     MASK_ENCODING,
     MASK_MEDIA_TYPE,
@@ -82,6 +53,35 @@ from .wire import (
     encode_mask_b64,
     format_shape,
 )
+from medsam2.server.auth import OPEN_PATHS, BearerTokenMiddleware
+from medsam2.server.limits import BodyLimitMiddleware
+from medsam2.server.schemas import (
+    BoxPrompt,
+    CacheOut,
+    ErrorOut,
+    HealthOut,
+    MaskPrompt,
+    PointsPrompt,
+    Prompt,
+    PropagateRequest,
+    RunOut,
+    ServerInfoOut,
+    SessionOut,
+    SlicePreviewOut,
+)
+from medsam2.server.sessions import (
+    BadRequestError,
+    LiveSession,
+    ManagedSession,
+    PredictorFactory,
+    RequestTooLargeError,
+    Run,
+    ServerFullError,
+    SessionBusyError,
+    SessionManager,
+    SessionNotFoundError,
+)
+from medsam2.server.settings import ServerSettings
 
 log = logging.getLogger("medsam2.server")
 

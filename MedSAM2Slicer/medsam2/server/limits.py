@@ -8,7 +8,7 @@ is refused (411) rather than read without a bound.
 
 from __future__ import annotations
 
-from .auth import ASGIApp, Receive, Scope, Send, send_error
+from medsam2.server.auth import ASGIApp, Receive, Scope, Send, send_error
 
 JSON_BODY_LIMIT = 64 << 20  # a base64 mask of a 4096 x 4096 slice is under 3 MB
 

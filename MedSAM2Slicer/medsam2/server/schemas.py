@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .wire import MASK_ENCODING
+from medsam2.remote.wire import MASK_ENCODING
 
 Point = tuple[float, float, float]
 

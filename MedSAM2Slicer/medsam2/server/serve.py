@@ -4,8 +4,8 @@
     medsam2 serve --model NAME --token-file token.txt --host 0.0.0.0 \\
         --tls-cert server.crt --tls-key server.key                    # reachable from the network
 
-The command line wires ``add_serve_parser(subparsers)``; ``main(argv)`` runs it on its own
-(``python -m medsam2.server.serve``). FastAPI and uvicorn are imported only when the server starts,
+The command line (:mod:`medsam2.cli.serve`) adds ``add_serve_arguments`` to its ``serve`` parser and
+runs ``run_server``. FastAPI and uvicorn are imported only when the server starts,
 so the rest of the command line works without the ``server`` extra.
 """
 
@@ -17,31 +17,16 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import DeviceUnavailableError, MedSAM2Error, ModelError
-from ..predictor import EngineVideoPredictor
-from .settings import TOKEN_ENV, ServerConfigError, ServerSettings
+from medsam2.errors import DeviceUnavailableError, MedSAM2Error, ModelError
+from medsam2.predictor import EngineVideoPredictor
+from medsam2.server.settings import TOKEN_ENV, ServerConfigError, ServerSettings
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def add_serve_parser(
-    subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()
-) -> argparse.ArgumentParser:
-    """Add the ``serve`` subcommand (its handler is ``args.func == run_server``)."""
-    parser = subparsers.add_parser(
-        "serve",
-        parents=list(parents),
-        help="run the inference server (HTTP API with token authentication)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    add_serve_arguments(parser)
-    parser.set_defaults(func=run_server)
-    return parser
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def _registry() -> Any:
     try:
-        return importlib.import_module("medsam2.registry")
+        return importlib.import_module("medsam2.models.registry")
     except ImportError as exc:
         raise ModelError(f"the model registry cannot be imported ({exc}); reinstall medsam2slicer") from None
 
@@ -155,10 +140,7 @@ def served_models(args: argparse.Namespace) -> tuple[str, ...]:
                 "with --checkpoint the server serves that one model; give at most one --model"
             )
         return names or (Path(args.checkpoint).stem,)
-    default = getattr(_registry(), "DEFAULT_MODEL", None)
-    if not names and not default:
-        raise ServerConfigError("name the model(s) to serve with --model NAME (see `medsam2 models list`)")
-    return names or (str(default),)
+    return names or (str(_registry().DEFAULT_MODEL),)
 
 
 def registry_predictor_factory(
@@ -171,17 +153,12 @@ def registry_predictor_factory(
     """Models by name through the model registry; ``checkpoint_name`` is served from a local file."""
 
     def factory(name: str) -> EngineVideoPredictor:
-        load = getattr(_registry(), "load_model", None)
-        if load is None:
-            raise ModelError(
-                "this medsam2 installation's registry has no load_model(); reinstall medsam2slicer"
-            )
+        load = _registry().load_model
         if checkpoint is not None and name == checkpoint_name:
-            loaded = load(None, checkpoint=checkpoint, config=config, image_size=image_size, device=device)
+            predictor, _entry = load(None, checkpoint=checkpoint, config=config, image_size=image_size, device=device)
         else:
-            loaded = load(name, device=device)
-        # load_model returns (predictor, the registry entry it loaded).
-        return loaded[0] if isinstance(loaded, tuple) else loaded
+            predictor, _entry = load(name, device=device)
+        return predictor
 
     return factory
 
@@ -196,13 +173,13 @@ def run_server(args: argparse.Namespace) -> int:
         try:
             import uvicorn
 
-            from .app import create_app
+            from medsam2.server.app import create_app
         except ImportError as exc:
             raise ServerConfigError(
                 f"the server needs FastAPI and uvicorn ({exc.name or exc} is missing): "
                 "pip install 'medsam2slicer[server]'"
             ) from None
-        from ..devices import resolve_device
+        from medsam2.devices import resolve_device
 
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -235,15 +212,3 @@ def run_server(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=15,
     )
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="medsam2 serve", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    add_serve_arguments(parser)
-    return run_server(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

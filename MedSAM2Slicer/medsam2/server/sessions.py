@@ -27,15 +27,23 @@ from typing import Any, Callable, Optional, TypeVar, Union, cast
 import numpy as np
 import torch
 
-from ..devices import autocast, available_memory_bytes
-from ..errors import InvalidPromptError, MedSAM2Error, MemoryBudgetError, ModelError, PropagationCancelled
-from ..geometry import SliceLayout, VolumeGeometry
-from ..intensity import IntensityPreparation
-from ..predictor import EngineVideoPredictor
-from ..session import PropagationResult, SegmentationSession
-from ..volume import as_3d, device_bytes
-from .locking import FairLock, SerialisedPredictor
-from .settings import ServerSettings
+from medsam2.api import PropagationResult
+from medsam2.devices import autocast, available_memory_bytes
+from medsam2.errors import (
+    InvalidPromptError,
+    MedSAM2Error,
+    MemoryBudgetError,
+    ModelError,
+    PropagationCancelled,
+    SessionBusyError,
+)
+from medsam2.geometry import SliceLayout, VolumeGeometry
+from medsam2.intensity import IntensityPreparation
+from medsam2.predictor import EngineVideoPredictor
+from medsam2.server.locking import FairLock, SerialisedPredictor
+from medsam2.server.settings import ServerSettings
+from medsam2.session import SegmentationSession
+from medsam2.volume import as_3d, device_bytes
 
 log = logging.getLogger("medsam2.server")
 
@@ -57,10 +65,6 @@ class BadRequestError(ServerError):
 
 
 class SessionNotFoundError(ServerError):
-    pass
-
-
-class SessionBusyError(ServerError):
     pass
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from ..errors import MedSAM2Error
+from medsam2.errors import MedSAM2Error
 
 TOKEN_ENV = "MEDSAM2_SERVER_TOKEN"
 MIN_TOKEN_LENGTH = 16

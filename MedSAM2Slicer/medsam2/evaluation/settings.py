@@ -1,0 +1,46 @@
+"""What an evaluation run does: the prompt protocol, propagation and metric settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from medsam2.api import DIRECTIONS
+from medsam2.errors import InvalidPromptError
+from medsam2.evaluation.protocols import PromptProtocol
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    protocol: PromptProtocol = field(default_factory=PromptProtocol)
+    direction: str = "both"
+    stop_when_absent: Optional[int] = None
+    axis: str = "axial"
+    intensity: Optional[str] = None  # parse_intensity text ("abdomen", "400,40", "mri"); None: min-max
+    tolerance_mm: float = 1.0
+    memory_budget_bytes: Optional[int] = None
+    save_predictions: bool = False
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise InvalidPromptError(
+                f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}"
+            )
+        if self.stop_when_absent is not None and self.stop_when_absent < 1:
+            raise InvalidPromptError(
+                f"stop-when-absent must be at least 1 slice, got {self.stop_when_absent}"
+            )
+        if not self.tolerance_mm >= 0:
+            raise InvalidPromptError(
+                f"NSD tolerance must be a non-negative number of mm, got {self.tolerance_mm}"
+            )
+        if self.protocol.per_slice and self.protocol.rounds:
+            raise InvalidPromptError(
+                "the Medical-SAM2 per-slice protocol has no interaction rounds; use --rounds 0"
+            )
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("memory_budget_bytes")  # changes nothing in the results; free to differ on resume
+        out.pop("save_predictions")
+        return out
