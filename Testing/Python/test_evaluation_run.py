@@ -541,7 +541,7 @@ def test_cli_medical_sam2_protocol_scores_the_first_quarter_per_slice(mni_msd, p
 def test_cli_bad_input_is_a_one_line_error(mni_msd, predictor, tmp_path, capsys, extra, message):
     assert main([str(mni_msd), "--out", str(tmp_path / "o"), *extra], predictor=predictor) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert err.startswith("medsam2: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o" / "metrics.csv").exists()
 
 

@@ -72,6 +72,14 @@ def shared_options(*, for_command: bool) -> argparse.ArgumentParser:
     return options
 
 
+def add_command(
+    subparsers: Any, common: argparse.ArgumentParser, name: str, help_text: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A command's parser, with the shared options (``kwargs`` go to argparse: description, ...)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, parents=[common], help=help_text, **kwargs)
+    return parser
+
+
 def emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
     """Print the result: JSON for scripts, a short line for people (nothing with --quiet)."""
     if getattr(args, "json", False):
@@ -157,3 +165,21 @@ class ModelCache:
         if key not in self._loaded:
             self._loaded[key] = load_model_for(args, random_weights)
         return self._loaded[key]
+
+
+# ----------------------------------------------------------------------------- labelled datasets
+def add_dataset_options(p: argparse.ArgumentParser, *, label_help: str, intensity_help: str) -> argparse._ArgumentGroup:
+    """The dataset folder and how to read it, for the commands that take labelled datasets
+    (evaluate, finetune); returns the "data" group for the command's own additions."""
+    from medsam2.datasets.layouts import LAYOUTS
+
+    p.add_argument(
+        "dataset", help="dataset folder (dataset.json + imagesTr/labelsTr, BraTS case folders, or images/ + labels/)"
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (default: detected)")
+    data.add_argument("--label", action="append", dest="labels", metavar="LABEL", help=label_help)
+    data.add_argument("--channel", help="image channel: index or modality name (e.g. flair for BraTS)")
+    data.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice direction")
+    data.add_argument("--intensity", help=intensity_help)
+    return data

@@ -14,8 +14,7 @@ import functools
 import sys
 from typing import Any, Optional, Sequence
 
-from medsam2.cli.common import Handler, add_model_options, load_model_for
-from medsam2.datasets.layouts import LAYOUTS
+from medsam2.cli.common import Handler, add_command, add_dataset_options, add_model_options, load_model_for
 from medsam2.distributed import rank_info
 from medsam2.errors import MedSAM2Error
 from medsam2.evaluation.protocols import PROMPT_KINDS, SLICE_CHOICES, PromptProtocol
@@ -30,24 +29,14 @@ DESCRIPTION = (
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "dataset",
-        help="dataset folder (dataset.json + imagesTr/labelsTr, BraTS case folders, or images/ + labels/)",
+    data = add_dataset_options(
+        p,
+        label_help="structure to evaluate: a name, a value, or NAME=V1,V2 (repeatable; default every label)",
+        intensity_help="window preset (abdomen, lung...), WIDTH,LEVEL, mri or minmax",
     )
+    data.add_argument("--limit", type=int, help="evaluate only the first N cases")
     p.add_argument("--out", required=True, help="output folder (re-use it to resume)")
     add_model_options(p, memory_budget=False)
-    data = p.add_argument_group("data")
-    data.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (default: detected)")
-    data.add_argument(
-        "--label", action="append", dest="labels", metavar="LABEL",
-        help="structure to evaluate: a name, a value, or NAME=V1,V2 (repeatable; default every label)",
-    )  # fmt: skip
-    data.add_argument("--channel", help="image channel: index or modality name (e.g. flair for BraTS)")
-    data.add_argument("--limit", type=int, help="evaluate only the first N cases")
-    data.add_argument(
-        "--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice direction"
-    )
-    data.add_argument("--intensity", help="window preset (abdomen, lung...), WIDTH,LEVEL, mri or minmax")
     prompt = p.add_argument_group("prompt protocol")
     prompt.add_argument(
         "--protocol",
@@ -82,10 +71,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> Handler:
-    parser = subparsers.add_parser(
-        "evaluate", parents=[common], help="evaluate a model on a labelled dataset", description=DESCRIPTION
-    )
-    _add_arguments(parser)
+    help_text = "evaluate a model on a labelled dataset"
+    _add_arguments(add_command(subparsers, common, "evaluate", help_text, description=DESCRIPTION))
     return run_evaluate
 
 

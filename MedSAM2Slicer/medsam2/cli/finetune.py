@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any, Optional, Sequence
 
-from medsam2.cli.common import Handler, add_model_options, emit
+from medsam2.cli.common import Handler, add_command, add_dataset_options, add_model_options, emit
 from medsam2.distributed import rank_info
 from medsam2.finetune.sampler import MODES, PROMPT_KINDS_3D
 from medsam2.finetune.trainer import DEFAULT_BD_WEIGHT, FinetuneSettings, finetune
@@ -26,21 +26,15 @@ DESCRIPTION = (
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "dataset", help="dataset folder (dataset.json + imagesTr/labelsTr, BraTS folders, images/ + labels/)"
+    data = add_dataset_options(
+        p,
+        label_help="structure to train: a name, a value, NAME=V1,V2, or a .seg.nrrd segment name "
+        "(repeatable; default all)",
+        intensity_help="window preset, WIDTH,LEVEL, mri or minmax (default: the model's recipe)",
     )
     p.add_argument("--out", required=True, help="output folder: checkpoints, curves, best.pt (re-use it with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_model_options(p, memory_budget=False, title="starting model")
-    data = p.add_argument_group("data")
-    data.add_argument("--layout", choices=("auto", "msd", "brats", "pairs"), default="auto")
-    data.add_argument(
-        "--label", action="append", dest="labels", metavar="LABEL",
-        help="structure to train: a name, a value, NAME=V1,V2, or a .seg.nrrd segment name (repeatable; default all)",
-    )  # fmt: skip
-    data.add_argument("--channel", help="image channel: index or modality name (e.g. flair for BraTS)")
-    data.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice direction")
-    data.add_argument("--intensity", help="window preset, WIDTH,LEVEL, mri or minmax (default: the model's recipe)")
     data.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out (default 0.2)")
     data.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and heads (default 0)")
     train = p.add_argument_group("training")
@@ -72,10 +66,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> Handler:
-    parser = subparsers.add_parser(
-        "finetune", parents=[common], help="fine-tune a model on your labelled volumes", description=DESCRIPTION
-    )
-    _add_arguments(parser)
+    help_text = "fine-tune a model on your labelled volumes"
+    _add_arguments(add_command(subparsers, common, "finetune", help_text, description=DESCRIPTION))
     return run_finetune
 
 
