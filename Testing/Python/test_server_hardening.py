@@ -212,6 +212,12 @@ def _close(conn: http.client.HTTPConnection, token: str, sid: str) -> None:
     assert status == 204, data
 
 
+def _session_ids(conn: http.client.HTTPConnection, token: str) -> set[str]:
+    status, _, data = _request(conn, "GET", "/sessions", token)
+    assert status == 200, data
+    return {s["session_id"] for s in json.loads(data)}
+
+
 def _npy_upload(shape_text: str, descr: str, data: bytes = b"") -> bytes:
     """A hand-written .npy header (what a buggy or hostile client might send), gzip-compressed."""
     header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}"
@@ -398,11 +404,11 @@ def test_malformed_array_headers_are_refused_and_the_connection_stays_usable(ser
         (_npy_upload("(2, 2, 2, 2)", "<i2", b"\0" * 32), 400, "3D (or a 2D image)"),
     ]
     with server.connection() as conn:  # one keep-alive connection for every refusal and the upload after
+        before = _session_ids(conn, token)
         for body, code, message in cases:
             status, _, data = _request(conn, "POST", "/sessions", token, body)
             assert message in _one_line_4xx(status, data, code), (message, data)
-        status, _, data = _request(conn, "GET", "/sessions", token)
-        assert status == 200 and json.loads(data) == []  # no session half-made
+        assert _session_ids(conn, token) == before  # no session half-made
         sid = _create(conn, token)
         _close(conn, token, sid)
 
@@ -413,6 +419,7 @@ def test_non_finite_numbers_in_any_geometry_field_are_refused(server, field_name
     count = 9 if field_name == "direction" else 3
     good = {"spacing": ["1"] * 3, "origin": ["0"] * 3, "direction": "1 0 0 0 1 0 0 0 1".split()}[field_name]
     with server.connection() as conn:
+        before = _session_ids(conn, token)
         for bad in ("nan", "NaN", "inf", "-inf", "Infinity", "1e999", "-1e999"):
             for position in (0, count - 1):
                 values = list(good)
@@ -421,10 +428,27 @@ def test_non_finite_numbers_in_any_geometry_field_are_refused(server, field_name
                 status, _, data = _request(conn, "POST", query, token, _upload_body(_volume()))
                 detail = _one_line_4xx(status, data, 400)
                 assert field_name in detail and "finite" in detail, detail
-        status, _, data = _request(conn, "GET", "/sessions", token)
-        assert json.loads(data) == []
+        assert _session_ids(conn, token) == before
         sid = _create(conn, token)  # the same connection still works
         _close(conn, token, sid)
+
+
+def test_non_finite_numbers_in_the_intensity_window_are_refused(server):
+    token = server.tokens["bob"]
+    with server.connection() as conn:
+        before = _session_ids(conn, token)
+        for query, message in [
+            ("inf,40", "finite"),
+            ("1e999,40", "finite"),
+            ("400,nan", "finite"),
+            ("400,-inf", "finite"),
+            ("nan,40", "positive"),
+            ("percentile:nan,99", "percentiles must satisfy"),
+            ("percentile:1,inf", "percentiles must satisfy"),
+        ]:
+            status, _, data = _request(conn, "POST", f"/sessions?intensity={query}", token, _upload_body(_volume()))
+            assert message in _one_line_4xx(status, data, 400), query
+        assert _session_ids(conn, token) == before
 
 
 # ----------------------------------------------------------------------------- prompts and integer bounds
@@ -751,3 +775,23 @@ def test_a_request_that_fails_half_way_leaves_the_session_as_it_was(tiny_predict
         assert sorted(masks) == [1]
         np.testing.assert_array_equal(masks[1], expected)
         conn.close()
+
+
+def test_the_remote_client_works_for_a_user_of_the_users_file(server, tiny_predictor):
+    """RemoteSession, as the Slicer panel uses it, with one user's token: the in-process masks."""
+    from medsam2.errors import InvalidPromptError
+    from medsam2.remote import RemoteSession
+
+    volume = _volume(3)
+    reference = SegmentationSession(tiny_predictor, volume, intensity="400,40", memory_budget_bytes=1 << 30)
+    reference.add_points(1, [[16, 14, 1]], [1])
+    expected = reference.propagate().masks[1].copy()
+    url = f"http://127.0.0.1:{server.port}"
+    with RemoteSession(url, server.tokens["alice"], volume, intensity="400,40", poll_interval=0.02) as remote:
+        with pytest.raises(InvalidPromptError, match="between 0 and 65535"):
+            remote.add_points(70000, [[16, 14, 1]], [1])  # refused before it is sent
+        remote.add_points(1, [[16, 14, 1]], [1])
+        np.testing.assert_array_equal(remote.propagate().masks[1], expected)
+        with server.connection() as conn:
+            status, _, data = _request(conn, "GET", f"/sessions/{remote.session_id}", server.tokens["bob"])
+            _one_line_4xx(status, data, 404)

@@ -17,6 +17,7 @@ import time
 from .auth import ASGIApp, Message, Receive, Scope, Send, request_user
 
 access_log = logging.getLogger("medsam2.access")
+access_log.setLevel(logging.INFO)  # logged whatever --log-level says for the server's other messages
 _MAX_PATH = 200
 
 

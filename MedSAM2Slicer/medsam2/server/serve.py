@@ -56,7 +56,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--token-file",
         metavar="FILE",
-        help=f"file holding the API token clients must send (default: ${TOKEN_ENV}); required",
+        help=f"file holding the one API token clients must send (default: ${TOKEN_ENV}); this, the "
+        "variable or --users-file is required",
     )
     net.add_argument(
         "--users-file",
