@@ -43,7 +43,9 @@ from medsam2.session import SegmentationSession
 
 MEDSAM2 = Path(sys.executable).with_name("medsam2")
 WAIT = 120.0  # bound on any wait for the server or a run (a guard against hangs, not a timing assertion)
-UPLOAD_LIMIT = 50_000  # bytes (--max-upload-mb 0.05): small enough that every test body fits a socket read
+# Small enough that every test body arrives in one socket read: a server that answers before reading
+# a body must not leave bytes unread when it closes (the client would get a reset, not the answer).
+UPLOAD_LIMIT = 20_000
 MASK = np.zeros((32, 32), np.uint8)
 MASK[10:20, 12:22] = 1
 
@@ -369,12 +371,19 @@ def test_framing_that_disagrees_is_refused_and_the_size_limit_holds_on_every_rou
         )
         assert "limit of" in _one_line_4xx(status, body, 413), where
         sock.close()
-        # No length, a chunked body over the limit: counted as it arrives (upload) or refused (411).
-        status, headers, body, sock = _raw_exchange(
-            server.port, _head(method, path, token, [ctype, "Transfer-Encoding: chunked"]) + _chunked(too_big)
-        )
-        _one_line_4xx(status, body, 413 if path == "/sessions" else 411)
+        # No length, a chunked body over the limit: counted as it arrives (upload) or refused on the
+        # headers (411: JSON routes take a Content-Length only).
+        chunked = _head(method, path, token, [ctype, "Transfer-Encoding: chunked"])
+        upload = path == "/sessions"
+        status, headers, body, sock = _raw_exchange(server.port, chunked + (_chunked(too_big) if upload else b""))
+        _one_line_4xx(status, body, 413 if upload else 411)
         sock.close()
+
+    # Ambiguous framing is refused before the token is looked at: for anyone, the connection is closed.
+    ambiguous = _head("POST", "/sessions", "no-such-token", ["Content-Length: 3", "Transfer-Encoding: chunked"])
+    status, headers, body, sock = _raw_exchange(server.port, ambiguous + _chunked(b"{}"))
+    assert "both Content-Length" in _one_line_4xx(status, body, 400) and headers.get("connection") == "close"
+    sock.close()
 
     # After all of that, the server and the session are fine, and a keep-alive connection stays usable.
     with server.connection() as conn:
@@ -536,6 +545,7 @@ def _masks(conn: http.client.HTTPConnection, token: str, sid: str) -> dict[int, 
         if run["state"] != "running":
             break
         assert time.monotonic() < deadline, "propagation never finished"
+        time.sleep(0.02)
     assert run["state"] == "done", run
     out = {}
     for obj in run["object_ids"]:

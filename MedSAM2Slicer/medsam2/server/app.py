@@ -39,7 +39,7 @@ from ..intensity import IntensityPreparation, parse_intensity
 from ..session import DIRECTIONS, PropagationResult
 from .access_log import AccessLogMiddleware
 from .auth import OPEN_PATHS, BearerTokenMiddleware, request_user
-from .limits import BodyLimitMiddleware
+from .limits import BodyLimitMiddleware, FramingMiddleware
 from .schemas import (
     BoxPrompt,
     CacheOut,
@@ -416,6 +416,7 @@ def create_app(
     # The last added runs first: the token is checked before anything else, even the size limits.
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(BearerTokenMiddleware, users=users)
+    app.add_middleware(FramingMiddleware)  # ambiguous framing is refused (and the connection closed) for anyone
     app.add_middleware(AccessLogMiddleware)  # outermost: it sees every answer, the 401s too
     return app
 

@@ -1,9 +1,9 @@
 """Request-size limits that hold whatever framing a client claims.
 
 - A request with both ``Content-Length`` and ``Transfer-Encoding``, or with several Content-Length
-  values that differ, or one that is not a plain non-negative number, is a 400: such framing is
-  ambiguous (the classic request-smuggling set-up), and RFC 9112 section 6.1 says to close the
-  connection after answering it, which these answers do.
+  values that differ, or one that is not a plain non-negative number, is a 400 (FramingMiddleware,
+  before the token is even looked at): such framing is ambiguous (the classic request-smuggling
+  set-up), and RFC 9112 section 6.1 says to close the connection after answering it, which it does.
 - A declared Content-Length over the limit is refused at once (413), so a client is told before it
   streams a gigabyte.
 - Whatever the headers say, the bytes that actually arrive are counted on every route: once they
@@ -24,6 +24,29 @@ class BodyOverLimit(Exception):
     """Raised from ``receive`` once more bytes arrived than the route's limit allows."""
 
 
+def framing_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why the request's body framing is ambiguous, or None."""
+    lengths = [value.strip() for name, value in headers if name.lower() == b"content-length"]
+    encodings = [value.strip() for name, value in headers if name.lower() == b"transfer-encoding"]
+    if lengths and encodings:
+        return "request has both Content-Length and Transfer-Encoding headers; send exactly one"
+    if len(set(lengths)) > 1 or not all(v.isdigit() for v in lengths):
+        return f"bad Content-Length header ({', '.join(v.decode('latin-1')[:40] for v in lengths)})"
+    return None
+
+
+class FramingMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = framing_problem(scope.get("headers", [])) if scope["type"] == "http" else None
+        if problem is not None:
+            await send_error(send, 400, problem, "BadRequestError", _CLOSE)
+            return
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, upload_limit: int, upload_path: str = "/sessions") -> None:
         self.app = app
@@ -41,22 +64,11 @@ class BodyLimitMiddleware:
         limit = self.upload_limit if upload else min(self.upload_limit, JSON_BODY_LIMIT)
         what = "upload" if upload else "request body"
 
-        if lengths and encodings:
-            await send_error(
-                send,
-                400,
-                "request has both Content-Length and Transfer-Encoding headers; send exactly one",
-                "BadRequestError",
-                _CLOSE,
-            )
+        problem = framing_problem(headers)  # FramingMiddleware answered these already; kept for safety
+        if problem is not None:
+            await send_error(send, 400, problem, "BadRequestError", _CLOSE)
             return
         if lengths:
-            if len(set(lengths)) > 1 or not all(v.isdigit() for v in lengths):
-                shown = ", ".join(v.decode("latin-1")[:40] for v in lengths)
-                await send_error(
-                    send, 400, f"bad Content-Length header ({shown})", "BadRequestError", _CLOSE
-                )
-                return
             size = int(lengths[0])
             if size > limit:
                 await send_error(
