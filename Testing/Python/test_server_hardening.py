@@ -311,6 +311,7 @@ def test_add_user_stores_only_hashes_and_refuses_bad_entries(users_file, tmp_pat
         (["--users-file", str(path), "--add-user", "al ice"], "is not valid"),
         (["--users-file", str(path), "--add-user", "carol", "--user-max-sessions", "0"], "at least 1"),
         (["--add-user", "carol"], "needs --users-file"),
+        (["--users-file", str(path), "--admin"], "for --add-user"),
         (["--users-file", str(tmp_path / "no" / "users.json"), "--add-user", "carol"], "does not exist"),
     ]:
         done = _medsam2("serve", *args)
@@ -531,6 +532,9 @@ def _bad_requests(sid: str, data_b64: str) -> list[tuple[str, str, Any, str]]:
         ("POST", f"{base}/propagate", '{"stop_when_absent": 0}', "greater than or equal to 1"),
         ("POST", f"{base}/propagate", f'{{"object_ids": [{2**70}]}}', "less than or equal to 65535"),
         ("POST", f"{base}/propagate", '{"object_ids": [7]}', "unknown object id 7"),
+        ("POST", f"{base}/propagate", '{"object_ids": []}', "at least 1 item"),
+        ("POST", f"{base}/propagate", '{"slice_range": [3, 3]}', "no prompt between slices 3 and 3"),
+        ("POST", f"{base}/propagate", '{"slice_range": [2, 3], "object_ids": [1]}', "object 1 has no prompt"),
         ("POST", f"{base}/propagate", '{"direction": "sideways"}', "direction must be"),
     ]
 

@@ -534,13 +534,20 @@ def _check_propagate(session: LiveSession, params: PropagateRequest) -> None:
         )
     if params.stop_when_absent is not None and params.stop_when_absent < 1:
         raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {params.stop_when_absent}")
-    session._check_range(params.slice_range)
+    lo, hi = session._check_range(params.slice_range)
     known = session.object_ids
     if not known:
         raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
     for o in params.object_ids or []:
         if o not in known:
             raise InvalidPromptError(f"unknown object id {o}")
+    # The engine finds this only once the run has started; a client is better told now.
+    state = session._state
+    for o in params.object_ids or known:
+        idx = state["obj_id_to_idx"][o]
+        prompted = set(state["point_inputs_per_obj"].get(idx, {})) | set(state["mask_inputs_per_obj"].get(idx, {}))
+        if not any(lo <= f <= hi for f in prompted):
+            raise InvalidPromptError(f"object {o} has no prompt between slices {lo} and {hi}")
 
 
 def _run_state(run: Optional[Run]) -> str:

@@ -73,7 +73,7 @@ class PropagateRequest(_Strict):
         default=None, description="end a direction after this many empty slices"
     )
     object_ids: Optional[list[ObjectId]] = Field(
-        default=None, description="objects to propagate (default: all)", max_length=MAX_OBJECT_ID + 1
+        default=None, description="objects to propagate (default: all)", min_length=1, max_length=MAX_OBJECT_ID + 1
     )
 
 

@@ -216,6 +216,9 @@ def run_server(args: argparse.Namespace) -> int:
     line's codes: 2 bad settings, 3 model unavailable, 4 device unavailable)."""
     if args.add_user is not None:
         return _add_user(args)
+    if args.admin or args.user_max_sessions is not None:
+        print("medsam2 serve: error: --admin and --user-max-sessions describe a user for --add-user", file=sys.stderr)
+        return 2
     try:
         settings = dataclasses.replace(settings_from_args(args), models=served_models(args))
         settings.validate()
