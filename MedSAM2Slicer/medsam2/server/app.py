@@ -272,7 +272,7 @@ def create_app(
     @app.delete(
         "/sessions/{session_id}/objects/{object_id}", status_code=204, tags=["prompts"], responses=_ERRORS
     )
-    def remove_object(session_id: str, request: Request, object_id: int = _OBJECT_ID) -> Response:
+    def remove_object(session_id: str, request: Request, object_id: int = _object_id_path()) -> Response:
         manager.get(session_id, _user(request)).operate(lambda session: session.remove_object(object_id))
         return Response(status_code=204)
 
@@ -284,7 +284,7 @@ def create_app(
         responses=_ERRORS,
     )
     def clear_slice(
-        session_id: str, request: Request, object_id: int = _OBJECT_ID, slice_index: int = _SLICE_INDEX
+        session_id: str, request: Request, object_id: int = _object_id_path(), slice_index: int = _slice_index_path()
     ) -> Response:
         def clear(session: LiveSession) -> None:
             _check_slice(session, slice_index)
@@ -391,7 +391,7 @@ def create_app(
     def get_mask(
         session_id: str,
         request: Request,
-        object_id: int = _OBJECT_ID,
+        object_id: int = _object_id_path(),
         slice_index: Optional[int] = Query(
             None, alias="slice", ge=0, le=MAX_SLICE_INDEX, description="one slice along the session axis"
         ),
@@ -413,7 +413,8 @@ def create_app(
         return Response(content=encode_mask(mask), media_type=MASK_MEDIA_TYPE, headers=headers)
 
     _document_security(app)
-    # The last added runs first: the token is checked before anything else, even the size limits.
+    # The last added runs first: the access log sees every answer; ambiguous framing is refused for
+    # anyone; then the token is checked before anything else, even the size limits.
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(BearerTokenMiddleware, users=users)
     app.add_middleware(FramingMiddleware)  # ambiguous framing is refused (and the connection closed) for anyone
@@ -422,8 +423,12 @@ def create_app(
 
 
 # ---------------------------------------------------------------------------- helpers
-_OBJECT_ID = Path(ge=0, le=MAX_OBJECT_ID, description=f"0..{MAX_OBJECT_ID}")
-_SLICE_INDEX = Path(ge=0, le=MAX_SLICE_INDEX, description="slice along the session axis")
+def _object_id_path() -> Any:
+    return Path(ge=0, le=MAX_OBJECT_ID, description=f"0..{MAX_OBJECT_ID}")
+
+
+def _slice_index_path() -> Any:
+    return Path(ge=0, le=MAX_SLICE_INDEX, description="slice along the session axis")
 
 
 def _user(request: Request) -> User:
