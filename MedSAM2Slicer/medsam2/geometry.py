@@ -38,6 +38,8 @@ class VolumeGeometry:
         direction = np.asarray(self.direction, dtype=float)
         if direction.size != 9:
             raise InvalidVolumeError(f"direction must have 9 values (3x3), got {direction.size}")
+        if not np.all(np.isfinite(direction)):  # a NaN determinant would pass the test below
+            raise InvalidVolumeError(f"direction must be nine finite numbers, got {tuple(direction.ravel())}")
         if abs(abs(np.linalg.det(direction.reshape(3, 3))) - 1.0) > 1e-3:
             raise InvalidVolumeError("direction matrix is not orthonormal (|det| != 1)")
         object.__setattr__(self, "spacing", tuple(float(v) for v in spacing))

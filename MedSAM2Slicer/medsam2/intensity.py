@@ -6,6 +6,7 @@ torch work that applies these settings on the compute device is in preparation.p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from medsam2.errors import InvalidVolumeError
@@ -49,6 +50,8 @@ class IntensityPreparation:
             raise InvalidVolumeError(f"unknown intensity mode {self.mode!r}; use window, percentile or minmax")
         if self.mode == "window" and not self.width > 0:
             raise InvalidVolumeError(f"window width must be positive, got {self.width}")
+        if self.mode == "window" and not (math.isfinite(self.width) and math.isfinite(self.level)):
+            raise InvalidVolumeError(f"window width and level must be finite, got {self.width:g},{self.level:g}")
         if self.mode == "percentile" and not 0 <= self.lower_percentile < self.upper_percentile <= 100:
             raise InvalidVolumeError(
                 f"percentiles must satisfy 0 <= lower < upper <= 100, got "

@@ -59,6 +59,7 @@ from medsam2.features import CacheStats
 from medsam2.geometry import SliceLayout, VolumeGeometry
 from medsam2.intensity import IntensityPreparation, parse_intensity
 from medsam2.remote.wire import (
+    MAX_OBJECT_ID,
     SHAPE_HEADER,
     SLICE_STATE_HEADER,
     VOLUME_MEDIA_TYPE,
@@ -199,7 +200,7 @@ class ServerConnection:
             return AuthenticationError(
                 f"the MedSAM2 server at {self.url} rejected the request: {detail}; check the API token"
             )
-        if status == 503:
+        if status in (429, 503):  # 429: this user's own session limit
             retry = headers.get("Retry-After") if headers is not None else None
             try:
                 retry_after: Optional[float] = float(retry) if retry is not None else None
@@ -301,6 +302,8 @@ def _points(points_ijk: Any, what: str) -> list[list[float]]:
 def _object_id(object_id: Any) -> int:
     if not isinstance(object_id, (int, np.integer)) or isinstance(object_id, bool):
         raise InvalidPromptError(f"object id must be an integer, got {object_id!r}")
+    if not 0 <= int(object_id) <= MAX_OBJECT_ID:  # the server's bound, said before sending
+        raise InvalidPromptError(f"object id must be between 0 and {MAX_OBJECT_ID}, got {object_id}")
     return int(object_id)
 
 

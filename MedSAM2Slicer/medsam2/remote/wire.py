@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import math
 import zlib
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +34,17 @@ SLICE_STATE_HEADER = "X-MedSAM2-Slice-State"  # current (this run) or previous (
 _GZIP_MAGIC = b"\x1f\x8b"
 _NPY_MAGIC = b"\x93NUMPY"
 _HEADER_PEEK = 1 << 16  # enough for any .npy header numpy writes (it caps them at 10 kB by default)
+# Bounds on every integer a client sends (schemas.py and the routes enforce them; the client checks
+# object ids before sending). Object ids fit the uint16 labelmaps every writer produces; slice indices
+# and sides are far above any real volume and far below anything that overflows a C integer.
+MAX_OBJECT_ID = 65535
+MAX_SLICE_INDEX = (1 << 20) - 1
+MAX_SIDE = 1 << 16
+MAX_POINTS = 4096  # clicks in one prompt
+MAX_MASK_VOXELS = 1 << 31  # a decoded mask is never allocated larger than this (2 GiB of uint8)
+# What the engine takes (volume.py moves each to a torch dtype that holds it exactly): numpy kind and
+# item sizes. uint64 has no exact torch dtype, float128 and complex none at all.
+ENGINE_DTYPES = {"b": (1,), "i": (1, 2, 4, 8), "u": (1, 2, 4), "f": (2, 4, 8)}
 
 
 class WireFormatError(MedSAM2Error, ValueError):
@@ -49,11 +61,31 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return gzip.compress(bits.tobytes(), compresslevel=6, mtime=0)
 
 
-def decode_mask(data: bytes, shape: Sequence[int]) -> np.ndarray:
+def check_shape(shape: Sequence[int], what: str, max_count: Optional[int] = None) -> int:
+    """The element count of ``shape`` (exact: Python integers cannot overflow), or a one-line error
+    for a negative or zero size or a count over ``max_count``; nothing is allocated before this."""
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
-        raise WireFormatError(f"mask shape {shape} has a negative size")
-    count = int(np.prod(shape, dtype=np.int64))
+        raise WireFormatError(f"{what} shape {shape} has a negative size")
+    if any(s == 0 for s in shape):
+        raise WireFormatError(f"{what} shape {shape} has a zero-size axis")
+    count = math.prod(shape)
+    if max_count is not None and count > max_count:
+        raise WireFormatError(f"{what} shape {shape} has {count:,} elements, over the limit of {max_count:,}")
+    return count
+
+
+def check_dtype(dtype: np.dtype, what: str = "volume") -> None:
+    supported = "bool, (u)int8/16/32, int64 or float16/32/64"
+    if dtype.hasobject or dtype.kind not in ENGINE_DTYPES:
+        raise WireFormatError(f"{what} dtype {dtype} is not numeric; send {supported}")
+    if dtype.itemsize not in ENGINE_DTYPES[dtype.kind]:
+        raise WireFormatError(f"{what} dtype {dtype} is not supported by the engine; send {supported}")
+
+
+def decode_mask(data: bytes, shape: Sequence[int], max_count: int = MAX_MASK_VOXELS) -> np.ndarray:
+    shape = tuple(int(s) for s in shape)
+    count = check_shape(shape, "mask", max_count)
     packed_len = (count + 7) // 8
     raw = _gunzip_exact(data, packed_len, "mask")
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count)
@@ -87,8 +119,7 @@ def encode_volume(volume: np.ndarray, compresslevel: int = 1) -> bytes:
     """gzip(.npy) in little-endian byte order. Level 1: a CT compresses nearly as well as at level 6
     in a fifth of the time, and the upload happens while the radiologist waits."""
     arr = np.asarray(volume)
-    if arr.dtype.kind not in "biuf":
-        raise WireFormatError(f"volume dtype {arr.dtype} is not numeric")
+    check_dtype(arr.dtype)
     arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -110,7 +141,9 @@ def decode_volume(data: Union[bytes, bytearray], max_voxels: int) -> np.ndarray:
         raise WireFormatError("volume upload is neither gzip nor .npy; send gzip-compressed .npy bytes")
 
     shape, fortran, dtype, offset = _read_npy_header(head)
-    voxels = int(np.prod(shape, dtype=np.int64))
+    if len(shape) not in (2, 3):
+        raise WireFormatError(f"volume must be 3D (or a 2D image), got shape {shape}")
+    voxels = check_shape(shape, "volume")  # the exact count, however large
     if voxels > max_voxels:
         raise VolumeTooLargeError(
             f"volume {shape} has {voxels:,} voxels, over this server's limit of {max_voxels:,}; "
@@ -163,8 +196,7 @@ def _read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]
         raise WireFormatError(
             f"volume upload has no valid .npy header ({str(exc).splitlines()[0]})"
         ) from None
-    if dtype.hasobject or dtype.kind not in "biuf":
-        raise WireFormatError(f"volume dtype {dtype} is not numeric")
+    check_dtype(dtype)
     return tuple(int(s) for s in shape), bool(fortran), dtype, f.tell()
 
 

@@ -41,6 +41,8 @@ from medsam2.remote.wire import (
     ENCODING_HEADER,
     MASK_ENCODING,
     MASK_MEDIA_TYPE,
+    MAX_OBJECT_ID,
+    MAX_SLICE_INDEX,
     RUN_STATE_HEADER,
     SHAPE_HEADER,
     SLICE_STATE_HEADER,
@@ -53,8 +55,9 @@ from medsam2.remote.wire import (
     encode_mask_b64,
     format_shape,
 )
-from medsam2.server.auth import OPEN_PATHS, BearerTokenMiddleware
-from medsam2.server.limits import BodyLimitMiddleware
+from medsam2.server.access_log import AccessLogMiddleware
+from medsam2.server.auth import OPEN_PATHS, BearerTokenMiddleware, request_user
+from medsam2.server.limits import BodyLimitMiddleware, FramingMiddleware
 from medsam2.server.schemas import (
     BoxPrompt,
     CacheOut,
@@ -67,6 +70,7 @@ from medsam2.server.schemas import (
     RunOut,
     ServerInfoOut,
     SessionOut,
+    SessionSummaryOut,
     SlicePreviewOut,
 )
 from medsam2.server.sessions import (
@@ -77,11 +81,14 @@ from medsam2.server.sessions import (
     RequestTooLargeError,
     Run,
     ServerFullError,
+    ServerOutOfMemoryError,
     SessionBusyError,
     SessionManager,
     SessionNotFoundError,
+    UserLimitError,
 )
 from medsam2.server.settings import ServerSettings
+from medsam2.server.users import User
 
 log = logging.getLogger("medsam2.server")
 
@@ -90,6 +97,8 @@ _STATUS: list[tuple[type, int]] = [
     (SessionNotFoundError, 404),
     (SessionBusyError, 409),
     (ServerFullError, 503),
+    (ServerOutOfMemoryError, 503),
+    (UserLimitError, 429),
     (RequestTooLargeError, 413),
     (VolumeTooLargeError, 413),
     (MemoryBudgetError, 413),
@@ -97,7 +106,7 @@ _STATUS: list[tuple[type, int]] = [
 ]
 
 _ERRORS: dict[Union[int, str], dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 503)
+    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 429, 503)
 }
 
 
@@ -116,7 +125,7 @@ def create_app(
 ) -> FastAPI:
     """The API for these settings. Raises ServerConfigError (one line) without a usable token."""
     settings.validate()
-    token = settings.resolve_token(environ)
+    users = settings.resolve_users(environ)
     manager = SessionManager(settings, predictor_factory, clock=clock)
 
     @asynccontextmanager
@@ -190,7 +199,8 @@ def create_app(
         session_axis = _parse_axis(axis)
         prep = _parse_intensity(intensity, nonzero_only)
         manager.resolve_model(model)
-        manager.check_capacity()  # refuse before reading a large body
+        user = _user(request)
+        manager.check_capacity(user)  # refuse before reading a large body
         try:
             body = await _read_limited(request, settings.max_upload_bytes)
         except ClientDisconnect:
@@ -199,18 +209,46 @@ def create_app(
 
         def build() -> ManagedSession:
             volume = decode_volume(body, settings.max_voxels)
-            return manager.create(volume, geometry, session_axis, prep, model)
+            return manager.create(volume, geometry, session_axis, prep, model, user)
 
         managed = await run_in_threadpool(build)
         return _session_out(managed, settings)
 
-    @app.get("/sessions/{session_id}", response_model=SessionOut, tags=["sessions"], responses=_ERRORS)
-    def get_session(session_id: str) -> SessionOut:
-        return _session_out(manager.get(session_id), settings)
+    @app.get(
+        "/sessions",
+        response_model=list[SessionSummaryOut],
+        tags=["sessions"],
+        summary="Your open sessions (an admin sees everyone's)",
+        responses=_ERRORS,
+    )
+    def list_sessions(request: Request) -> list[SessionSummaryOut]:
+        now = manager.clock()
+        return [
+            SessionSummaryOut(
+                session_id=m.id,
+                owner=m.owner,
+                model=m.model,
+                shape=m.session.shape,
+                state=_run_state(m.run),
+                idle_seconds=max(0.0, now - m.last_used),
+                reserved_bytes=m.reserved_bytes,
+            )
+            for m in manager.sessions_of(_user(request))
+        ]
 
-    @app.delete("/sessions/{session_id}", status_code=204, tags=["sessions"], responses=_ERRORS)
-    def close_session(session_id: str) -> Response:
-        manager.close(session_id)
+    @app.get("/sessions/{session_id}", response_model=SessionOut, tags=["sessions"], responses=_ERRORS)
+    def get_session(session_id: str, request: Request) -> SessionOut:
+        return _session_out(manager.get(session_id, _user(request)), settings)
+
+    @app.delete(
+        "/sessions/{session_id}",
+        status_code=204,
+        tags=["sessions"],
+        summary="End a session (yours; an admin may end anyone's)",
+        responses=_ERRORS,
+    )
+    def close_session(session_id: str, request: Request) -> Response:
+        manager.close(session_id, _user(request))
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ prompts
@@ -221,8 +259,8 @@ def create_app(
         summary="Points, a box or a mask on one slice; returns that slice's mask",
         responses=_ERRORS,
     )
-    def add_prompt(session_id: str, prompt: Prompt) -> SlicePreviewOut:
-        managed = manager.get(session_id)
+    def add_prompt(session_id: str, prompt: Prompt, request: Request) -> SlicePreviewOut:
+        managed = manager.get(session_id, _user(request))
         preview = managed.operate(lambda session: _apply_prompt(session, prompt))
         return SlicePreviewOut(
             object_id=preview.object_id,
@@ -234,8 +272,8 @@ def create_app(
     @app.delete(
         "/sessions/{session_id}/objects/{object_id}", status_code=204, tags=["prompts"], responses=_ERRORS
     )
-    def remove_object(session_id: str, object_id: int) -> Response:
-        manager.get(session_id).operate(lambda session: session.remove_object(object_id))
+    def remove_object(session_id: str, request: Request, object_id: int = _object_id_path()) -> Response:
+        manager.get(session_id, _user(request)).operate(lambda session: session.remove_object(object_id))
         return Response(status_code=204)
 
     @app.delete(
@@ -245,13 +283,19 @@ def create_app(
         summary="Remove an object's prompts on one slice",
         responses=_ERRORS,
     )
-    def clear_slice(session_id: str, object_id: int, slice_index: int) -> Response:
-        manager.get(session_id).operate(lambda session: session.clear_slice(object_id, slice_index))
+    def clear_slice(
+        session_id: str, request: Request, object_id: int = _object_id_path(), slice_index: int = _slice_index_path()
+    ) -> Response:
+        def clear(session: LiveSession) -> None:
+            _check_slice(session, slice_index)
+            session.clear_slice(object_id, slice_index)
+
+        manager.get(session_id, _user(request)).operate(clear)
         return Response(status_code=204)
 
     @app.post("/sessions/{session_id}/reset", status_code=204, tags=["prompts"], responses=_ERRORS)
-    def reset(session_id: str) -> Response:
-        manager.get(session_id).operate(lambda session: session.reset())
+    def reset(session_id: str, request: Request) -> Response:
+        manager.get(session_id, _user(request)).operate(lambda session: session.reset())
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ runs
@@ -263,9 +307,9 @@ def create_app(
         summary="Start propagating in the background; poll .../propagate/status",
         responses=_ERRORS,
     )
-    def propagate(session_id: str, options: Optional[PropagateRequest] = None) -> RunOut:
+    def propagate(session_id: str, request: Request, options: Optional[PropagateRequest] = None) -> RunOut:
         params = options or PropagateRequest()
-        managed = manager.get(session_id)
+        managed = manager.get(session_id, _user(request))
         _check_propagate(managed.session, params)
 
         def body(session: LiveSession, run: Run) -> PropagationResult:
@@ -291,8 +335,8 @@ def create_app(
         summary="Encode every slice in the background (makes the first propagation faster)",
         responses=_ERRORS,
     )
-    def precompute(session_id: str) -> RunOut:
-        managed = manager.get(session_id)
+    def precompute(session_id: str, request: Request) -> RunOut:
+        managed = manager.get(session_id, _user(request))
 
         def body(session: LiveSession, run: Run) -> None:
             def progress(done: int, total: int) -> None:
@@ -312,8 +356,8 @@ def create_app(
         tags=["propagation"],
         responses=_ERRORS,
     )
-    def run_status(session_id: str) -> RunOut:
-        return _run_out(manager.get(session_id).run)
+    def run_status(session_id: str, request: Request) -> RunOut:
+        return _run_out(manager.get(session_id, _user(request)).run)
 
     @app.post(
         "/sessions/{session_id}/cancel",
@@ -323,8 +367,8 @@ def create_app(
         summary="Cancel the running propagation; the previous masks stay",
         responses=_ERRORS,
     )
-    def cancel(session_id: str) -> RunOut:
-        return _run_out(manager.get(session_id).cancel())
+    def cancel(session_id: str, request: Request) -> RunOut:
+        return _run_out(manager.get(session_id, _user(request)).cancel())
 
     # ------------------------------------------------------------------ masks
     @app.get(
@@ -346,12 +390,13 @@ def create_app(
     )
     def get_mask(
         session_id: str,
-        object_id: int = Path(),
+        request: Request,
+        object_id: int = _object_id_path(),
         slice_index: Optional[int] = Query(
-            None, alias="slice", description="one slice along the session axis"
+            None, alias="slice", ge=0, le=MAX_SLICE_INDEX, description="one slice along the session axis"
         ),
     ) -> Response:
-        managed = manager.get(session_id)
+        managed = manager.get(session_id, _user(request))
         session = managed.session
         headers = {RUN_STATE_HEADER: _run_state(managed.run), ENCODING_HEADER: MASK_ENCODING}
         try:
@@ -368,13 +413,35 @@ def create_app(
         return Response(content=encode_mask(mask), media_type=MASK_MEDIA_TYPE, headers=headers)
 
     _document_security(app)
-    # The last added runs first: the token is checked before anything else, even the size limits.
+    # The last added runs first: the access log sees every answer; ambiguous framing is refused for
+    # anyone; then the token is checked before anything else, even the size limits.
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
-    app.add_middleware(BearerTokenMiddleware, token=token)
+    app.add_middleware(BearerTokenMiddleware, users=users)
+    app.add_middleware(FramingMiddleware)  # ambiguous framing is refused (and the connection closed) for anyone
+    app.add_middleware(AccessLogMiddleware)  # outermost: it sees every answer, the 401s too
     return app
 
 
 # ---------------------------------------------------------------------------- helpers
+def _object_id_path() -> Any:
+    return Path(ge=0, le=MAX_OBJECT_ID, description=f"0..{MAX_OBJECT_ID}")
+
+
+def _slice_index_path() -> Any:
+    return Path(ge=0, le=MAX_SLICE_INDEX, description="slice along the session axis")
+
+
+def _user(request: Request) -> User:
+    user = request_user(request.scope)
+    assert user is not None, "BearerTokenMiddleware lets no request through without a user"
+    return user
+
+
+def _check_slice(session: LiveSession, slice_index: int) -> None:
+    if not 0 <= slice_index < session.num_slices:
+        raise InvalidPromptError(f"slice {slice_index} is outside the volume (0..{session.num_slices - 1})")
+
+
 async def _read_limited(request: Request, limit: int) -> bytearray:
     """The body, counted as it arrives (a declared Content-Length was checked by BodyLimitMiddleware;
     this bounds a chunked upload too)."""
@@ -402,6 +469,8 @@ def _floats(text: Optional[str], count: int, name: str) -> Optional[tuple[float,
         raise InvalidVolumeError(f"{name} must be {count} comma-separated numbers, got {text!r}") from None
     if len(values) != count:
         raise InvalidVolumeError(f"{name} must be {count} comma-separated numbers, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidVolumeError(f"{name} must be {count} finite numbers, got {text[:120]!r}")
     return values
 
 
@@ -448,6 +517,13 @@ def _apply_prompt(session: LiveSession, prompt: Union[PointsPrompt, BoxPrompt, M
         return session.add_box(
             prompt.object_id, prompt.corners[0], prompt.corners[1], prompt.points, prompt.labels
         )
+    # Checked before decoding, so the client's shape never decides what is allocated.
+    _check_slice(session, prompt.slice_index)
+    expected = session.layout.from_frame(np.empty(session.frame_shape, bool)).shape
+    if tuple(prompt.shape) != tuple(expected):
+        raise InvalidPromptError(
+            f"mask for slice {prompt.slice_index} has shape {tuple(prompt.shape)}, expected {tuple(expected)}"
+        )
     try:
         mask = decode_mask_b64(prompt.data, prompt.shape)
     except WireFormatError as exc:
@@ -463,13 +539,20 @@ def _check_propagate(session: LiveSession, params: PropagateRequest) -> None:
         )
     if params.stop_when_absent is not None and params.stop_when_absent < 1:
         raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {params.stop_when_absent}")
-    session._check_range(params.slice_range)
+    lo, hi = session._check_range(params.slice_range)
     known = session.object_ids
     if not known:
         raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
     for o in params.object_ids or []:
         if o not in known:
             raise InvalidPromptError(f"unknown object id {o}")
+    # The engine finds this only once the run has started; a client is better told now.
+    state = session._state
+    for o in params.object_ids or known:
+        idx = state["obj_id_to_idx"][o]
+        prompted = set(state["point_inputs_per_obj"].get(idx, {})) | set(state["mask_inputs_per_obj"].get(idx, {}))
+        if not any(lo <= f <= hi for f in prompted):
+            raise InvalidPromptError(f"object {o} has no prompt between slices {lo} and {hi}")
 
 
 def _run_state(run: Optional[Run]) -> str:
@@ -542,7 +625,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def engine_error(_: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status", None) or next(code for cls, code in _STATUS if isinstance(exc, cls))
         name = "InvalidPromptError" if isinstance(exc, ObjectNotPropagatedError) else type(exc).__name__
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServerFullError) else None
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return _error_response(status, str(exc), name, headers)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:

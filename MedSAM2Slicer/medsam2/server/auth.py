@@ -1,5 +1,9 @@
 """Bearer-token authentication for every route except ``/health``.
 
+The token names the user (users.py: one shared token, or a users file); the middleware puts that
+:class:`~.users.User` in the request's state (``scope["state"]["user"]``) for the routes, which give
+each user their own sessions, and for the access log.
+
 An ASGI middleware rather than a FastAPI dependency, so nothing can be reached without the token:
 not the OpenAPI schema, not an unknown path (a 401 instead of a 404 tells a scanner nothing about
 which routes exist), not a route someone adds later and forgets to protect.
@@ -10,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional
+
+from medsam2.server.users import User, UserDirectory
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -41,10 +47,16 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def request_user(scope: Mapping[str, Any]) -> Optional[User]:
+    """The authenticated user of a request (None on the open paths)."""
+    user = scope.get("state", {}).get("user")
+    return user if isinstance(user, User) else None
+
+
 class BearerTokenMiddleware:
-    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
+    def __init__(self, app: ASGIApp, users: UserDirectory, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
-        self._expected = token.encode("utf-8")
+        self.users = users
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,7 +64,9 @@ class BearerTokenMiddleware:
             await self.app(scope, receive, send)
             return
         presented = bearer_token(scope.get("headers", []))
-        if presented is not None and token_matches(presented, self._expected):
+        user = self.users.authenticate(presented) if presented is not None else None
+        if user is not None:
+            scope.setdefault("state", {})["user"] = user
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
@@ -61,7 +75,7 @@ class BearerTokenMiddleware:
         detail = (
             "missing bearer token: send the header 'Authorization: Bearer <token>'"
             if presented is None
-            else "invalid token: it does not match the server's API token"
+            else "invalid token: it matches no user of this server"
         )
         await send_error(
             send, 401, detail, "AuthenticationError", [(b"www-authenticate", b'Bearer realm="medsam2"')]

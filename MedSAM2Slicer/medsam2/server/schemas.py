@@ -9,9 +9,14 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from medsam2.remote.wire import MASK_ENCODING
+from medsam2.remote.wire import MASK_ENCODING, MAX_OBJECT_ID, MAX_POINTS, MAX_SIDE, MAX_SLICE_INDEX
 
 Point = tuple[float, float, float]
+# Bounded integers: an out-of-range value is a 400 naming the field and the bound (wire.py says why).
+ObjectId = Annotated[int, Field(ge=0, le=MAX_OBJECT_ID, description=f"0..{MAX_OBJECT_ID}")]
+SliceIndex = Annotated[int, Field(ge=0, le=MAX_SLICE_INDEX)]
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+Label = Annotated[int, Field(ge=0, le=1)]
 
 
 class _Strict(BaseModel):
@@ -20,9 +25,11 @@ class _Strict(BaseModel):
 
 class PointsPrompt(_Strict):
     type: Literal["points"]
-    object_id: int
-    points: list[Point] = Field(description="(i, j, k) voxel coordinates, all on one slice", min_length=1)
-    labels: list[int] = Field(description="1 positive, 0 negative, one per point")
+    object_id: ObjectId
+    points: list[Point] = Field(
+        description="(i, j, k) voxel coordinates, all on one slice", min_length=1, max_length=MAX_POINTS
+    )
+    labels: list[Label] = Field(description="1 positive, 0 negative, one per point", max_length=MAX_POINTS)
     replace: bool = Field(
         default=False, description="replace this slice's earlier clicks instead of adding to them"
     )
@@ -30,17 +37,19 @@ class PointsPrompt(_Strict):
 
 class BoxPrompt(_Strict):
     type: Literal["box"]
-    object_id: int
+    object_id: ObjectId
     corners: tuple[Point, Point] = Field(description="two opposite corners (i, j, k) on one slice, inclusive")
-    points: Optional[list[Point]] = Field(default=None, description="optional clicks refining the box")
-    labels: Optional[list[int]] = None
+    points: Optional[list[Point]] = Field(
+        default=None, description="optional clicks refining the box", max_length=MAX_POINTS
+    )
+    labels: Optional[list[Label]] = Field(default=None, max_length=MAX_POINTS)
 
 
 class MaskPrompt(_Strict):
     type: Literal["mask"]
-    object_id: int
-    slice_index: int = Field(description="slice along the session axis")
-    shape: tuple[int, int] = Field(description="the slice's shape as cut from the [k, j, i] array")
+    object_id: ObjectId
+    slice_index: SliceIndex = Field(description="slice along the session axis")
+    shape: tuple[Side, Side] = Field(description="the slice's shape as cut from the [k, j, i] array")
     data: str = Field(description=f"base64 of the mask, encoded {MASK_ENCODING}")
 
 
@@ -57,13 +66,15 @@ class SlicePreviewOut(BaseModel):
 
 class PropagateRequest(_Strict):
     direction: str = Field(default="both", description="both, forward or backward")
-    slice_range: Optional[tuple[int, int]] = Field(
+    slice_range: Optional[tuple[SliceIndex, SliceIndex]] = Field(
         default=None, description="first and last slice (inclusive)"
     )
-    stop_when_absent: Optional[int] = Field(
+    stop_when_absent: Optional[Annotated[int, Field(ge=1, le=MAX_SLICE_INDEX)]] = Field(
         default=None, description="end a direction after this many empty slices"
     )
-    object_ids: Optional[list[int]] = Field(default=None, description="objects to propagate (default: all)")
+    object_ids: Optional[list[ObjectId]] = Field(
+        default=None, description="objects to propagate (default: all)", min_length=1, max_length=MAX_OBJECT_ID + 1
+    )
 
 
 class RunOut(BaseModel):
@@ -107,6 +118,16 @@ class SessionOut(BaseModel):
     reserved_bytes: int
     idle_expiry_seconds: float
     run: RunOut
+
+
+class SessionSummaryOut(BaseModel):
+    session_id: str
+    owner: str = Field(description="the user who created it")
+    model: str
+    shape: tuple[int, int, int]
+    state: str = Field(description="its run: idle, running, done, cancelled or failed")
+    idle_seconds: float
+    reserved_bytes: int
 
 
 class HealthOut(BaseModel):

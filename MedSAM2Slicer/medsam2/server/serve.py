@@ -3,6 +3,8 @@
     medsam2 serve --model NAME --token-file token.txt                 # 127.0.0.1:8765
     medsam2 serve --model NAME --token-file token.txt --host 0.0.0.0 \\
         --tls-cert server.crt --tls-key server.key                    # reachable from the network
+    medsam2 serve --users-file users.json --add-user alice            # prints alice's new token once
+    medsam2 serve --model NAME --users-file users.json                # one token per user
 
 The command line (:mod:`medsam2.cli.serve`) adds ``add_serve_arguments`` to its ``serve`` parser and
 runs ``run_server``. FastAPI and uvicorn are imported only when the server starts,
@@ -39,10 +41,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--token-file",
         metavar="FILE",
-        help=f"file holding the API token clients must send (default: ${TOKEN_ENV}); required",
+        help=f"file holding the one API token clients must send (default: ${TOKEN_ENV}); this, the "
+        "variable or --users-file is required",
+    )
+    net.add_argument(
+        "--users-file",
+        metavar="FILE",
+        help="JSON file of users, each with a hashed token (instead of --token-file); see --add-user",
     )
     net.add_argument("--tls-cert", metavar="PEM", help="TLS certificate (serve https)")
     net.add_argument("--tls-key", metavar="PEM", help="TLS private key for --tls-cert")
+    net.add_argument(
+        "--insecure-no-tls",
+        action="store_true",
+        help="allow a non-loopback --host without TLS (tokens and images cross the network unencrypted)",
+    )
+    net.add_argument(
+        "--access-log", metavar="FILE", help="also append the one-line-per-request access log to FILE"
+    )
+    users = parser.add_argument_group("users (with --users-file; the command adds the user and exits)")
+    users.add_argument("--add-user", metavar="NAME", help="add a user and print their new token once")
+    users.add_argument("--admin", action="store_true", help="the new user may list and end every session")
+    users.add_argument(
+        "--user-max-sessions", type=int, metavar="N", help="sessions the new user may have open at once"
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -109,8 +131,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         token_file=args.token_file,
+        users_file=args.users_file,
         tls_certfile=args.tls_cert,
         tls_keyfile=args.tls_key,
+        insecure_no_tls=args.insecure_no_tls,
+        access_log=args.access_log,
         models=tuple(args.models or ()),
         device=args.device,
         max_upload_bytes=int(args.max_upload_mb * MiB),
@@ -166,10 +191,15 @@ def registry_predictor_factory(
 def run_server(args: argparse.Namespace) -> int:
     """Start serving; returns an exit code with a one-line message for bad settings (the command
     line's codes: 2 bad settings, 3 model unavailable, 4 device unavailable)."""
+    if args.add_user is not None:
+        return _add_user(args)
+    if args.admin or args.user_max_sessions is not None:
+        print("medsam2 serve: error: --admin and --user-max-sessions describe a user for --add-user", file=sys.stderr)
+        return 2
     try:
         settings = dataclasses.replace(settings_from_args(args), models=served_models(args))
         settings.validate()
-        settings.resolve_token()
+        users = settings.resolve_users()
         try:
             import uvicorn
 
@@ -184,6 +214,8 @@ def run_server(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        if settings.access_log:
+            _log_access_to(settings.access_log)
         device = resolve_device(settings.device)
         factory = registry_predictor_factory(
             device, args.checkpoint, settings.models[0], args.config, args.image_size
@@ -193,10 +225,12 @@ def run_server(args: argparse.Namespace) -> int:
             for name in settings.models:
                 print(f"loading model {name} on {device} ...", file=sys.stderr, flush=True)
                 app.state.manager.predictor(name)
-        if not settings.loopback_only and not settings.tls:
+        if settings.users_file:
+            print(f"{len(users.users)} user(s) from {settings.users_file}", file=sys.stderr)
+        if not settings.loopback_only and not settings.tls:  # only with --insecure-no-tls (validate)
             print(
                 f"warning: serving on {settings.host} without TLS: the token and the images cross the "
-                "network unencrypted; pass --tls-cert and --tls-key",
+                "network unencrypted (--insecure-no-tls); pass --tls-cert and --tls-key",
                 file=sys.stderr,
             )
     except MedSAM2Error as exc:
@@ -209,6 +243,40 @@ def run_server(args: argparse.Namespace) -> int:
         ssl_certfile=settings.tls_certfile,
         ssl_keyfile=settings.tls_keyfile,
         log_level=args.log_level,
+        access_log=False,  # access_log.py logs each request without its query string
         timeout_graceful_shutdown=15,
     )
     return 0
+
+
+def _add_user(args: argparse.Namespace) -> int:
+    from medsam2.server.users import add_user
+
+    if not args.users_file:
+        print("medsam2 serve: error: --add-user needs --users-file FILE (created if missing)", file=sys.stderr)
+        return 2
+    try:
+        token = add_user(
+            args.users_file, args.add_user, admin=args.admin, max_sessions=args.user_max_sessions
+        )
+    except MedSAM2Error as exc:
+        print(f"medsam2 serve: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"added user {args.add_user} to {args.users_file}; their token (shown only now, the file keeps its "
+        "hash):",
+        file=sys.stderr,
+    )
+    print(token)
+    return 0
+
+
+def _log_access_to(path: str) -> None:
+    from medsam2.server.access_log import access_log
+
+    try:
+        handler = logging.FileHandler(Path(path).expanduser(), encoding="utf-8")
+    except OSError as exc:
+        raise ServerConfigError(f"cannot open access log {path}: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(handler)

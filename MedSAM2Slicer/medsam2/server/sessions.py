@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -42,6 +43,8 @@ from medsam2.intensity import IntensityPreparation
 from medsam2.predictor import EngineVideoPredictor
 from medsam2.server.locking import FairLock, SerialisedPredictor
 from medsam2.server.settings import ServerSettings
+from medsam2.server.transactions import all_or_nothing
+from medsam2.server.users import User
 from medsam2.session import SegmentationSession
 from medsam2.volume import as_3d, device_bytes
 
@@ -53,6 +56,7 @@ GiB = float(1 << 30)
 PROMPT_WAIT_SECONDS = 30.0  # a prompt waits this long for another request on the same session
 RETRY_WHEN_ALL_BUSY = 30  # Retry-After when every session is propagating (no expiry in sight)
 _EXPIRED_MEMORY = 4096  # ids remembered so a late client hears "expired", not "unknown"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # token_urlsafe ids; anything else is not echoed back
 
 
 # ----------------------------------------------------------------------------- errors
@@ -70,6 +74,16 @@ class SessionNotFoundError(ServerError):
 
 class RequestTooLargeError(ServerError):
     pass
+
+
+class UserLimitError(ServerError):
+    """The user has as many sessions open as their entry in the users file allows (429)."""
+
+
+class ServerOutOfMemoryError(ServerError):
+    """The device ran out of memory during a request (503); the request changed nothing."""
+
+    retry_after = RETRY_WHEN_ALL_BUSY
 
 
 class ServerFullError(ServerError):
@@ -158,6 +172,32 @@ class LiveSession(SegmentationSession):
         with self._live_lock:
             self._live.setdefault(int(object_id), (masks[object_id], set()))[1].add(int(frame))
 
+    # A request that fails half-way (say, out of memory in the preview, after the prompt was recorded)
+    # must leave the session as it was: each operation that changes prompts is all or nothing.
+    def add_points(self, *args: Any, **kwargs: Any) -> Any:
+        with all_or_nothing(self):
+            return super().add_points(*args, **kwargs)
+
+    def add_box(self, *args: Any, **kwargs: Any) -> Any:
+        with all_or_nothing(self):
+            return super().add_box(*args, **kwargs)
+
+    def add_mask(self, *args: Any, **kwargs: Any) -> Any:
+        with all_or_nothing(self):
+            return super().add_mask(*args, **kwargs)
+
+    def clear_slice(self, *args: Any, **kwargs: Any) -> None:
+        with all_or_nothing(self):
+            super().clear_slice(*args, **kwargs)
+
+    def remove_object(self, *args: Any, **kwargs: Any) -> None:
+        with all_or_nothing(self):
+            super().remove_object(*args, **kwargs)
+
+    def reset(self) -> None:
+        with all_or_nothing(self):
+            super().reset()
+
     def slice_mask(self, object_id: int, slice_index: int) -> tuple[np.ndarray, bool]:
         """One slice (as cut from the [k, j, i] array) and whether the running propagation has
         already replaced it (False: it is the previous result's slice)."""
@@ -194,12 +234,16 @@ class Run:
 RunBody = Callable[[LiveSession, Run], Optional[PropagationResult]]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom))
+
+
 def describe_failure(exc: BaseException, kind: str) -> tuple[str, str]:
     """(error type, one-line message) for a run that raised."""
     if isinstance(exc, MedSAM2Error):
         return type(exc).__name__, str(exc)
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+    if is_out_of_memory(exc):
         return "MemoryBudgetError", (
             f"out of memory during {kind}; retry when other sessions have finished, or restart the server "
             "with a smaller --memory-budget-gb or --max-sessions"
@@ -216,8 +260,10 @@ class ManagedSession:
         session: LiveSession,
         reserved_bytes: int,
         clock: Callable[[], float],
+        owner: str = "",
     ) -> None:
         self.id = session_id
+        self.owner = owner  # the user who created it; only they (and an admin, to end it) see it
         self.model = model
         self.session = session
         self.reserved_bytes = reserved_bytes
@@ -253,7 +299,18 @@ class ManagedSession:
         try:
             if self.closed:
                 raise SessionNotFoundError(f"session {self.id} was closed")
-            return fn(self.session)
+            try:
+                return fn(self.session)
+            except MedSAM2Error:
+                raise
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # LiveSession rolled the session back; answered as a client-visible 503, not a crash.
+                raise ServerOutOfMemoryError(
+                    "out of memory on the server; the request changed nothing; retry when other sessions "
+                    "have finished"
+                ) from None
         finally:
             self.last_used = self.clock()
             self._op_lock.release()
@@ -321,6 +378,7 @@ class SessionManager:
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._reserved = 0
         self._building = 0  # sessions admitted whose engine session is still being built
+        self._building_by: dict[str, int] = {}  # the same, per owner
         self._budget: Optional[int] = settings.memory_budget_bytes
         self._models: dict[str, LoadedModel] = {}
         self._load_lock = threading.Lock()
@@ -359,11 +417,11 @@ class SessionManager:
         return self._reserved
 
     # ---- lifecycle
-    def check_capacity(self) -> None:
+    def check_capacity(self, user: Optional[User] = None) -> None:
         """Cheap early refusal (before the upload is decoded) when every session slot is taken."""
         with self._lock:
             self._expire_idle_locked()
-            self._check_count_locked()
+            self._check_count_locked(user)
 
     def create(
         self,
@@ -372,6 +430,7 @@ class SessionManager:
         axis: Union[int, str],
         intensity: Optional[IntensityPreparation],
         model: Optional[str],
+        user: Optional[User] = None,
     ) -> ManagedSession:
         volume = as_3d(volume)
         name = self.resolve_model(model)
@@ -388,9 +447,10 @@ class SessionManager:
                 f"server's whole memory budget of {_gib(budget)}; crop or downsample it"
             )
         need = volume_bytes + min(cache_bytes, budget - volume_bytes)
+        owner = user.name if user is not None else ""
         with self._lock:
             self._expire_idle_locked()
-            self._check_count_locked()
+            self._check_count_locked(user)
             free = budget - self._reserved
             if need > free:
                 raise ServerFullError(
@@ -400,6 +460,7 @@ class SessionManager:
                 )
             self._reserved += need
             self._building += 1
+            self._building_by[owner] = self._building_by.get(owner, 0) + 1
         try:
             engine = LiveSession(
                 cast(EngineVideoPredictor, SerialisedPredictor(loaded.predictor, loaded.lock)),
@@ -413,14 +474,17 @@ class SessionManager:
             with self._lock:
                 self._reserved -= need
                 self._building -= 1
+                self._building_by[owner] -= 1
             raise
-        managed = ManagedSession(secrets.token_urlsafe(16), name, engine, need, self.clock)
+        managed = ManagedSession(secrets.token_urlsafe(16), name, engine, need, self.clock, owner)
         with self._lock:
             self._building -= 1
+            self._building_by[owner] -= 1
             self._sessions[managed.id] = managed
         log.info(
-            "session %s: model %s, volume %s %s, reserved %s",
+            "session %s of %s: model %s, volume %s %s, reserved %s",
             managed.id,
+            owner or "-",
             name,
             tuple(volume.shape),
             volume.dtype,
@@ -428,10 +492,14 @@ class SessionManager:
         )
         return managed
 
-    def get(self, session_id: str) -> ManagedSession:
+    def get(self, session_id: str, user: Optional[User] = None) -> ManagedSession:
+        """The session, for its owner (``user`` None: no ownership check, for the server itself).
+        Another user's session is "does not exist", exactly as an unknown id: nothing is revealed."""
         with self._lock:
             now = self.clock()
             managed = self._sessions.get(session_id)
+            if managed is not None and user is not None and managed.owner != user.name:
+                raise SessionNotFoundError(self._gone_message(session_id, known=False))
             if managed is not None and self._is_idle(managed, now):
                 self._expire_locked(managed)
                 managed = None
@@ -440,8 +508,21 @@ class SessionManager:
             managed.last_used = now
             return managed
 
-    def close(self, session_id: str) -> None:
+    def sessions_of(self, user: Optional[User]) -> list[ManagedSession]:
+        """The user's own sessions; every session for an admin (or for ``None``, the server itself)."""
         with self._lock:
+            self._expire_idle_locked()
+            every = sorted(self._sessions.values(), key=lambda m: m.created)
+        if user is None or user.admin:
+            return every
+        return [m for m in every if m.owner == user.name]
+
+    def close(self, session_id: str, user: Optional[User] = None) -> None:
+        """End a session: its owner or an admin may."""
+        with self._lock:
+            managed = self._sessions.get(session_id)
+            if managed is not None and user is not None and not user.admin and managed.owner != user.name:
+                raise SessionNotFoundError(self._gone_message(session_id, known=False))
             managed = self._sessions.pop(session_id, None)
             if managed is None:
                 raise SessionNotFoundError(self._gone_message(session_id))
@@ -505,7 +586,15 @@ class SessionManager:
                         self._release_locked(managed)
 
     # ---- internals (call with self._lock held)
-    def _check_count_locked(self) -> None:
+    def _check_count_locked(self, user: Optional[User] = None) -> None:
+        if user is not None and user.max_sessions is not None:
+            mine = sum(1 for m in self._sessions.values() if m.owner == user.name)
+            mine += self._building_by.get(user.name, 0)
+            if mine >= user.max_sessions:
+                raise UserLimitError(
+                    f"user {user.name} has {mine} of {user.max_sessions} sessions allowed open; close one "
+                    "you no longer need (DELETE /sessions/ID) first"
+                )
         in_use = len(self._sessions) + self._building
         if in_use >= self.settings.max_sessions:
             raise ServerFullError(
@@ -547,8 +636,10 @@ class SessionManager:
             return RETRY_WHEN_ALL_BUSY
         return max(1, math.ceil(min(waits)))
 
-    def _gone_message(self, session_id: str) -> str:
-        if session_id in self._expired:
+    def _gone_message(self, session_id: str, known: bool = True) -> str:
+        if not _SESSION_ID.fullmatch(session_id):
+            return "no such session: session ids are what POST /sessions returned"
+        if known and session_id in self._expired:
             return (
                 f"session {session_id} expired after {self.settings.idle_seconds:g} s without requests "
                 "and its memory was freed; create a new session (upload the volume again)"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from medsam2.errors import MedSAM2Error
+from medsam2.server.users import UserDirectory
 
 TOKEN_ENV = "MEDSAM2_SERVER_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -30,8 +31,12 @@ class ServerSettings:
     port: int = DEFAULT_PORT
     token: Optional[str] = None  # else token_file, else $MEDSAM2_SERVER_TOKEN; no token, no server
     token_file: Optional[str] = None
+    users_file: Optional[str] = None  # one hashed token per user (users.py), instead of the one token
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
+    # Serving beyond this machine without TLS sends tokens and images in clear text: only on request.
+    insecure_no_tls: bool = False
+    access_log: Optional[str] = None  # a file for the one-line-per-request log (also logged to stderr)
     models: tuple[str, ...] = ()  # names a client may ask for; the first is the default
     device: str = "auto"
     max_upload_bytes: int = 1 << 30  # compressed request body
@@ -67,9 +72,22 @@ class ServerSettings:
             )
         return token
 
+    def resolve_users(self, environ: Optional[Mapping[str, str]] = None) -> UserDirectory:
+        """Who may use the server: the users file, else the one API token (resolve_token)."""
+        if not self.users_file:
+            return UserDirectory.single(self.resolve_token(environ))
+        if self.token or self.token_file:
+            raise ServerConfigError("give either --users-file (one token per user) or --token-file, not both")
+        return UserDirectory.load(Path(self.users_file).expanduser())
+
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ServerConfigError(f"port must be between 0 and 65535, got {self.port}")
+        if not self.loopback_only and not self.tls and not self.insecure_no_tls:
+            raise ServerConfigError(
+                f"refusing to serve on {self.host} without TLS: tokens and images would cross the network "
+                "unencrypted; pass --tls-cert and --tls-key (or, on a network you trust, --insecure-no-tls)"
+            )
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ServerConfigError(
                 "TLS needs both a certificate (--tls-cert) and its private key (--tls-key)"
