@@ -2,6 +2,16 @@
 one, the fix; entry points (CLI, server, Slicer panel) show ``str(error)`` without a traceback."""
 
 
+def one_line(message: object, limit: int = 200) -> str:
+    """A message (or an exception's) squeezed onto one line and cut to ``limit`` characters; an
+    exception without a message is named by its type. Third-party messages (pydicom, torch, HTTP
+    bodies) often span several lines."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class MedSAM2Error(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
 

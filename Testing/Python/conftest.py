@@ -44,3 +44,7 @@ def mni_t1(resolution: int = 1) -> tuple[np.ndarray, tuple[float, float, float],
 @pytest.fixture(scope="session")
 def mni_volume():
     return mni_t1(resolution=1)
+
+
+# `medsam2 serve` as users start it (served.py): module-scoped, so each server test file gets its own.
+from served import checkpoint, server, users_file  # noqa: E402, F401

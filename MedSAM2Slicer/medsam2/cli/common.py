@@ -40,11 +40,6 @@ def exit_code_for(error: BaseException) -> int:
     return EXIT_BUG
 
 
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line plus a pointer to --help (exit 2), not a usage dump, and
     coordinates such as ``--point -60.5,20,110`` are values, not options (RAS x is negative on the

@@ -19,10 +19,9 @@ from medsam2.cli.common import (
     Handler,
     Parser,
     exit_code_for,
-    one_line,
     shared_options,
 )
-from medsam2.errors import MedSAM2Error
+from medsam2.errors import MedSAM2Error, one_line
 
 COMMANDS = ("segment", "batch", "demo", "models", "evaluate", "finetune", "serve")
 
@@ -83,7 +82,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.debug:
             raise
         code = exit_code_for(error)
-        text = one_line(error)
+        text = one_line(error, 300)
         if code == EXIT_BUG:
             text = f"internal error: {type(error).__name__}: {text} (run with --debug for the traceback)"
         if args.json:

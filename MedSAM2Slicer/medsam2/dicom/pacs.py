@@ -21,8 +21,8 @@ import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medsam2.dicom.series import DicomSeries, one_line, read_dicom_series
-from medsam2.errors import MedSAM2Error
+from medsam2.dicom.series import DicomSeries, read_dicom_series
+from medsam2.errors import MedSAM2Error, one_line
 from medsam2.io.atomic import atomic_output
 
 Instance = Union[Dataset, str, "os.PathLike[str]"]

@@ -22,9 +22,8 @@ from pydicom.sr.codedict import codes
 
 from medsam2 import __version__
 from medsam2.dicom.series import DicomSeries
-from medsam2.dicom.series import one_line as _one_line
 from medsam2.dicom.terminology import Code, Terminology, terminology_for
-from medsam2.errors import MedSAM2Error
+from medsam2.errors import MedSAM2Error, one_line
 from medsam2.io.atomic import atomic_output
 from medsam2.io.segments import Segment
 
@@ -139,7 +138,7 @@ def build_dicom_seg(
     except (ValueError, TypeError, AttributeError) as exc:
         # highdicom checks the source headers against the SEG IOD; say which requirement failed.
         raise SegExportError(
-            f"cannot build a DICOM-SEG from series {series.series_instance_uid}: {_one_line(exc)}"
+            f"cannot build a DICOM-SEG from series {series.series_instance_uid}: {one_line(exc)}"
         ) from exc
     seg.SeriesDescription = _lo(series_description)
     if any(not item.label.isascii() for item, _t in kept):

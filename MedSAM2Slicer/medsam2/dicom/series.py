@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from medsam2.errors import InvalidVolumeError
+from medsam2.errors import InvalidVolumeError, one_line
 from medsam2.geometry import VolumeGeometry
 
 # Positions and orientations are decimal strings of at most 16 characters in DICOM, and scanners round
@@ -554,9 +554,3 @@ def _pixels(path: Path, ds: Dataset) -> np.ndarray:
                 f" (compressed: {UID(str(syntax)).name}; install pylibjpeg/pylibjpeg-openjpeg or gdcm for it)"
             )
         raise InvalidVolumeError(f"cannot decode the pixel data of {path}: {one_line(exc)}{hint}") from exc
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (pydicom/highdicom messages span several)."""
-    text = " ".join(str(exc).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)

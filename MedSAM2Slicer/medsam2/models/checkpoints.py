@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 import torch
 
-from medsam2.errors import ModelError
+from medsam2.errors import ModelError, one_line
 from medsam2.models.build import load_state_dict_strict
 
 # Present in every SAM 2.1 state dict and absent from every SAM 2.0 one: the spatial no-object
@@ -108,7 +108,7 @@ def torch_load_weights_only(path: Union[str, os.PathLike], fix: str = _DEFAULT_F
     except pickle.UnpicklingError as exc:
         raise ModelError(_unpickling_message(file, str(exc), fix)) from None
     except (RuntimeError, EOFError, KeyError, ValueError, IndexError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelError(f"checkpoint {file} is truncated or corrupt ({_first_line(exc)}); {fix}") from None
+        raise ModelError(f"checkpoint {file} is truncated or corrupt ({one_line(exc, 160)}); {fix}") from None
 
 
 def _unpickling_message(file: Path, text: str, fix: str) -> str:
@@ -129,12 +129,6 @@ def _unpickling_message(file: Path, text: str, fix: str) -> str:
         + (f" ({reason})" if reason else "")
         + "; only plain weights are loaded (weights_only=True)"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def read_checkpoint(path: Union[str, os.PathLike], fix: str = _DEFAULT_FIX) -> LoadedCheckpoint:

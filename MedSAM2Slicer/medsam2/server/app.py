@@ -11,32 +11,21 @@ one ``async`` route, because it streams the body to enforce the size limit as it
 """
 
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 from fastapi import FastAPI, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from medsam2 import __version__
-from medsam2.api import DIRECTIONS, PropagationResult
+from medsam2.api import PropagationResult
 from medsam2.errors import (
     InvalidPromptError,
-    InvalidVolumeError,
-    MedSAM2Error,
-    MemoryBudgetError,
     PropagationCancelled,
 )
-from medsam2.geometry import VolumeGeometry
-from medsam2.intensity import IntensityPreparation, parse_intensity
 from medsam2.remote.wire import (
     ENCODING_HEADER,
     MASK_ENCODING,
@@ -47,24 +36,34 @@ from medsam2.remote.wire import (
     SHAPE_HEADER,
     SLICE_STATE_HEADER,
     VOLUME_MEDIA_TYPE,
-    VolumeTooLargeError,
-    WireFormatError,
-    decode_mask_b64,
     decode_volume,
     encode_mask,
     encode_mask_b64,
     format_shape,
 )
 from medsam2.server.access_log import AccessLogMiddleware
-from medsam2.server.auth import OPEN_PATHS, BearerTokenMiddleware, request_user
+from medsam2.server.auth import BearerTokenMiddleware, request_user
 from medsam2.server.limits import BodyLimitMiddleware, FramingMiddleware
+from medsam2.server.requests import (
+    apply_prompt,
+    check_propagate,
+    check_slice,
+    intensity_from_query,
+    parse_axis,
+    parse_geometry,
+    read_limited,
+)
+from medsam2.server.responses import (
+    ObjectNotPropagatedError,
+    document_security,
+    install_error_handlers,
+    run_out,
+    run_state,
+    session_out,
+)
 from medsam2.server.schemas import (
-    BoxPrompt,
-    CacheOut,
     ErrorOut,
     HealthOut,
-    MaskPrompt,
-    PointsPrompt,
     Prompt,
     PropagateRequest,
     RunOut,
@@ -74,46 +73,20 @@ from medsam2.server.schemas import (
     SlicePreviewOut,
 )
 from medsam2.server.sessions import (
-    BadRequestError,
     LiveSession,
     ManagedSession,
     PredictorFactory,
-    RequestTooLargeError,
     Run,
-    ServerFullError,
-    ServerOutOfMemoryError,
-    SessionBusyError,
     SessionManager,
-    SessionNotFoundError,
-    UserLimitError,
 )
 from medsam2.server.settings import ServerSettings
 from medsam2.server.users import User
 
 log = logging.getLogger("medsam2.server")
 
-# Most specific first: the first matching class decides the status.
-_STATUS: list[tuple[type, int]] = [
-    (SessionNotFoundError, 404),
-    (SessionBusyError, 409),
-    (ServerFullError, 503),
-    (ServerOutOfMemoryError, 503),
-    (UserLimitError, 429),
-    (RequestTooLargeError, 413),
-    (VolumeTooLargeError, 413),
-    (MemoryBudgetError, 413),
-    (MedSAM2Error, 400),
-]
-
 _ERRORS: dict[Union[int, str], dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 429, 503)
 }
-
-
-class ObjectNotPropagatedError(InvalidPromptError):
-    """The in-process engine's InvalidPromptError for mask(obj), as a 404 here."""
-
-    status = 404
 
 
 def create_app(
@@ -147,7 +120,7 @@ def create_app(
     )
     app.state.manager = manager
     app.state.settings = settings
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     # ------------------------------------------------------------------ server
     @app.get("/health", response_model=HealthOut, tags=["server"], summary="Liveness (no token needed)")
@@ -195,14 +168,14 @@ def create_app(
         nonzero_only: Optional[bool] = Query(None, description="percentile mode: ignore zero voxels"),
         model: Optional[str] = Query(None, description="model name (default: the server's first)"),
     ) -> Union[SessionOut, Response]:
-        geometry = _parse_geometry(spacing, origin, direction)
-        session_axis = _parse_axis(axis)
-        prep = _parse_intensity(intensity, nonzero_only)
+        geometry = parse_geometry(spacing, origin, direction)
+        session_axis = parse_axis(axis)
+        prep = intensity_from_query(intensity, nonzero_only)
         manager.resolve_model(model)
         user = _user(request)
         manager.check_capacity(user)  # refuse before reading a large body
         try:
-            body = await _read_limited(request, settings.max_upload_bytes)
+            body = await read_limited(request, settings.max_upload_bytes)
         except ClientDisconnect:
             log.info("client disconnected during upload")
             return Response(status_code=400)
@@ -212,7 +185,7 @@ def create_app(
             return manager.create(volume, geometry, session_axis, prep, model, user)
 
         managed = await run_in_threadpool(build)
-        return _session_out(managed, settings)
+        return session_out(managed, settings)
 
     @app.get(
         "/sessions",
@@ -229,7 +202,7 @@ def create_app(
                 owner=m.owner,
                 model=m.model,
                 shape=m.session.shape,
-                state=_run_state(m.run),
+                state=run_state(m.run),
                 idle_seconds=max(0.0, now - m.last_used),
                 reserved_bytes=m.reserved_bytes,
             )
@@ -238,7 +211,7 @@ def create_app(
 
     @app.get("/sessions/{session_id}", response_model=SessionOut, tags=["sessions"], responses=_ERRORS)
     def get_session(session_id: str, request: Request) -> SessionOut:
-        return _session_out(manager.get(session_id, _user(request)), settings)
+        return session_out(manager.get(session_id, _user(request)), settings)
 
     @app.delete(
         "/sessions/{session_id}",
@@ -261,7 +234,7 @@ def create_app(
     )
     def add_prompt(session_id: str, prompt: Prompt, request: Request) -> SlicePreviewOut:
         managed = manager.get(session_id, _user(request))
-        preview = managed.operate(lambda session: _apply_prompt(session, prompt))
+        preview = managed.operate(lambda session: apply_prompt(session, prompt))
         return SlicePreviewOut(
             object_id=preview.object_id,
             slice_index=preview.slice_index,
@@ -287,7 +260,7 @@ def create_app(
         session_id: str, request: Request, object_id: int = _object_id_path(), slice_index: int = _slice_index_path()
     ) -> Response:
         def clear(session: LiveSession) -> None:
-            _check_slice(session, slice_index)
+            check_slice(session, slice_index)
             session.clear_slice(object_id, slice_index)
 
         manager.get(session_id, _user(request)).operate(clear)
@@ -310,7 +283,7 @@ def create_app(
     def propagate(session_id: str, request: Request, options: Optional[PropagateRequest] = None) -> RunOut:
         params = options or PropagateRequest()
         managed = manager.get(session_id, _user(request))
-        _check_propagate(managed.session, params)
+        check_propagate(managed.session, params)
 
         def body(session: LiveSession, run: Run) -> PropagationResult:
             def progress(done: int, total: int) -> None:
@@ -325,7 +298,7 @@ def create_app(
                 cancel=run.cancel,
             )
 
-        return _run_out(manager.start_run(managed, "propagate", body))
+        return run_out(manager.start_run(managed, "propagate", body))
 
     @app.post(
         "/sessions/{session_id}/precompute",
@@ -348,7 +321,7 @@ def create_app(
 
             session.precompute_features(progress)
 
-        return _run_out(manager.start_run(managed, "precompute", body))
+        return run_out(manager.start_run(managed, "precompute", body))
 
     @app.get(
         "/sessions/{session_id}/propagate/status",
@@ -357,7 +330,7 @@ def create_app(
         responses=_ERRORS,
     )
     def run_status(session_id: str, request: Request) -> RunOut:
-        return _run_out(manager.get(session_id, _user(request)).run)
+        return run_out(manager.get(session_id, _user(request)).run)
 
     @app.post(
         "/sessions/{session_id}/cancel",
@@ -368,7 +341,7 @@ def create_app(
         responses=_ERRORS,
     )
     def cancel(session_id: str, request: Request) -> RunOut:
-        return _run_out(manager.get(session_id, _user(request)).cancel())
+        return run_out(manager.get(session_id, _user(request)).cancel())
 
     # ------------------------------------------------------------------ masks
     @app.get(
@@ -398,7 +371,7 @@ def create_app(
     ) -> Response:
         managed = manager.get(session_id, _user(request))
         session = managed.session
-        headers = {RUN_STATE_HEADER: _run_state(managed.run), ENCODING_HEADER: MASK_ENCODING}
+        headers = {RUN_STATE_HEADER: run_state(managed.run), ENCODING_HEADER: MASK_ENCODING}
         try:
             if slice_index is None:
                 mask = session.mask(object_id)
@@ -412,7 +385,7 @@ def create_app(
         headers[SHAPE_HEADER] = format_shape(mask.shape)
         return Response(content=encode_mask(mask), media_type=MASK_MEDIA_TYPE, headers=headers)
 
-    _document_security(app)
+    document_security(app)
     # The last added runs first: the access log sees every answer; ambiguous framing is refused for
     # anyone; then the token is checked before anything else, even the size limits.
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
@@ -435,249 +408,3 @@ def _user(request: Request) -> User:
     user = request_user(request.scope)
     assert user is not None, "BearerTokenMiddleware lets no request through without a user"
     return user
-
-
-def _check_slice(session: LiveSession, slice_index: int) -> None:
-    if not 0 <= slice_index < session.num_slices:
-        raise InvalidPromptError(f"slice {slice_index} is outside the volume (0..{session.num_slices - 1})")
-
-
-async def _read_limited(request: Request, limit: int) -> bytearray:
-    """The body, counted as it arrives (a declared Content-Length was checked by BodyLimitMiddleware;
-    this bounds a chunked upload too)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLargeError(
-                f"upload is over this server's limit of {limit:,} bytes; crop or downsample the volume, "
-                "or ask the operator to raise --max-upload-mb"
-            )
-    if not body:
-        raise BadRequestError(
-            "empty upload: send the volume as gzip-compressed .npy bytes in the request body"
-        )
-    return body
-
-
-def _floats(text: Optional[str], count: int, name: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise InvalidVolumeError(f"{name} must be {count} comma-separated numbers, got {text!r}") from None
-    if len(values) != count:
-        raise InvalidVolumeError(f"{name} must be {count} comma-separated numbers, got {len(values)}")
-    if not all(math.isfinite(v) for v in values):
-        raise InvalidVolumeError(f"{name} must be {count} finite numbers, got {text[:120]!r}")
-    return values
-
-
-def _parse_geometry(
-    spacing: Optional[str], origin: Optional[str], direction: Optional[str]
-) -> Optional[VolumeGeometry]:
-    if spacing is None and origin is None and direction is None:
-        return None  # as an in-process session without geometry (a 2D image stays 2D)
-    default = VolumeGeometry()
-    return VolumeGeometry(
-        spacing=_floats(spacing, 3, "spacing") or default.spacing,  # type: ignore[arg-type]
-        origin=_floats(origin, 3, "origin") or default.origin,  # type: ignore[arg-type]
-        direction=_floats(direction, 9, "direction") or default.direction,
-    )
-
-
-def _parse_axis(axis: str) -> Union[int, str]:
-    value = axis.strip().lower()
-    if value in ("0", "1", "2"):
-        return int(value)
-    if value in ("axial", "coronal", "sagittal"):
-        return value
-    raise InvalidVolumeError(f"axis must be axial, coronal, sagittal or a voxel axis 0, 1, 2; got {axis!r}")
-
-
-def _parse_intensity(text: Optional[str], nonzero_only: Optional[bool]) -> Optional[IntensityPreparation]:
-    if text is None:
-        return None
-    prep = parse_intensity(text)
-    if nonzero_only is not None and prep.mode == "percentile":
-        prep = IntensityPreparation(
-            mode=prep.mode,
-            lower_percentile=prep.lower_percentile,
-            upper_percentile=prep.upper_percentile,
-            nonzero_only=nonzero_only,
-        )
-    return prep
-
-
-def _apply_prompt(session: LiveSession, prompt: Union[PointsPrompt, BoxPrompt, MaskPrompt]) -> Any:
-    if isinstance(prompt, PointsPrompt):
-        return session.add_points(prompt.object_id, prompt.points, prompt.labels, replace=prompt.replace)
-    if isinstance(prompt, BoxPrompt):
-        return session.add_box(
-            prompt.object_id, prompt.corners[0], prompt.corners[1], prompt.points, prompt.labels
-        )
-    # Checked before decoding, so the client's shape never decides what is allocated.
-    _check_slice(session, prompt.slice_index)
-    expected = session.layout.from_frame(np.empty(session.frame_shape, bool)).shape
-    if tuple(prompt.shape) != tuple(expected):
-        raise InvalidPromptError(
-            f"mask for slice {prompt.slice_index} has shape {tuple(prompt.shape)}, expected {tuple(expected)}"
-        )
-    try:
-        mask = decode_mask_b64(prompt.data, prompt.shape)
-    except WireFormatError as exc:
-        raise InvalidPromptError(f"mask for slice {prompt.slice_index}: {exc}") from None
-    return session.add_mask(prompt.object_id, prompt.slice_index, mask)
-
-
-def _check_propagate(session: LiveSession, params: PropagateRequest) -> None:
-    """The engine's own up-front checks, answered now as a 400 rather than later as a failed run."""
-    if params.direction not in DIRECTIONS:
-        raise InvalidPromptError(
-            f"direction must be one of {', '.join(DIRECTIONS)}, got {params.direction!r}"
-        )
-    if params.stop_when_absent is not None and params.stop_when_absent < 1:
-        raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {params.stop_when_absent}")
-    lo, hi = session._check_range(params.slice_range)
-    known = session.object_ids
-    if not known:
-        raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
-    for o in params.object_ids or []:
-        if o not in known:
-            raise InvalidPromptError(f"unknown object id {o}")
-    # The engine finds this only once the run has started; a client is better told now.
-    state = session._state
-    for o in params.object_ids or known:
-        idx = state["obj_id_to_idx"][o]
-        prompted = set(state["point_inputs_per_obj"].get(idx, {})) | set(state["mask_inputs_per_obj"].get(idx, {}))
-        if not any(lo <= f <= hi for f in prompted):
-            raise InvalidPromptError(f"object {o} has no prompt between slices {lo} and {hi}")
-
-
-def _run_state(run: Optional[Run]) -> str:
-    return "idle" if run is None else run.state
-
-
-def _run_out(run: Optional[Run]) -> RunOut:
-    if run is None:
-        return RunOut(state="idle")
-    out = RunOut(
-        run_id=run.run_id,
-        kind=run.kind,
-        state=run.state,
-        done=run.done,
-        total=run.total,
-        error=run.error,
-        error_type=run.error_type,
-    )
-    result = run.result if run.state == "done" else None
-    if result is not None:
-        out.object_ids = sorted(result.masks)
-        out.propagated = {str(o): span for o, span in result.propagated.items()}
-        out.stopped_early = {str(o): d for o, d in result.stopped_early.items()}
-        out.object_scores = {
-            str(o): [None if math.isnan(v) else float(v) for v in np.asarray(s, dtype=float)]
-            for o, s in result.object_scores.items()
-        }
-    return out
-
-
-def _session_out(managed: ManagedSession, settings: ServerSettings) -> SessionOut:
-    session = managed.session
-    cache = session.feature_cache
-    stats = cache.stats
-    return SessionOut(
-        session_id=managed.id,
-        model=managed.model,
-        shape=session.shape,
-        dtype=str(session.volume.dtype),
-        num_slices=session.num_slices,
-        voxel_axis=session.layout.voxel_axis,
-        flip_rows=session.layout.flip_rows,
-        flip_cols=session.layout.flip_cols,
-        transpose=session.layout.transpose,
-        object_ids=sorted(session.object_ids),
-        cache=CacheOut(
-            hits=stats.hits,
-            misses=stats.misses,
-            encoded=stats.encoded,
-            not_admitted=stats.not_admitted,
-            slices_cached=len(cache),
-            bytes_used=cache.bytes_used,
-            budget_bytes=cache.budget_bytes,
-        ),
-        reserved_bytes=managed.reserved_bytes,
-        idle_expiry_seconds=settings.idle_seconds,
-        run=_run_out(managed.run),
-    )
-
-
-def _error_response(
-    status: int, detail: str, error: str, headers: Optional[dict[str, str]] = None
-) -> JSONResponse:
-    # One line, always: entry points show the message as it is.
-    detail = " ".join(str(detail).split())
-    return JSONResponse(status_code=status, content={"detail": detail, "error": error}, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def engine_error(_: Request, exc: Exception) -> JSONResponse:
-        status = getattr(exc, "status", None) or next(code for cls, code in _STATUS if isinstance(exc, cls))
-        name = "InvalidPromptError" if isinstance(exc, ObjectNotPropagatedError) else type(exc).__name__
-        retry_after = getattr(exc, "retry_after", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        return _error_response(status, str(exc), name, headers)
-
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
-        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        if errors:
-            first = errors[0]
-            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-            message = first.get("msg", "invalid value")
-            detail = f"invalid request: {where}: {message}" if where else f"invalid request: {message}"
-        else:
-            detail = "invalid request"
-        return _error_response(400, detail, "BadRequestError")
-
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        return _error_response(exc.status_code, str(exc.detail), "HTTPError", dict(exc.headers or {}))
-
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return _error_response(500, f"internal server error: {type(exc).__name__}: {first}", "InternalError")
-
-    app.add_exception_handler(MedSAM2Error, engine_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, internal_error)
-
-
-def _document_security(app: FastAPI) -> None:
-    """Declare the bearer token in the OpenAPI schema (the middleware enforces it)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
-        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "the server's API token (--token-file or $MEDSAM2_SERVER_TOKEN)",
-        }
-        for path, operations in schema.get("paths", {}).items():
-            if path in OPEN_PATHS:
-                continue
-            for operation in operations.values():
-                operation["security"] = [{"bearerAuth": []}]
-                operation.setdefault("responses", {}).setdefault(
-                    "401", {"description": "missing or invalid token", "content": {"application/json": {}}}
-                )
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
