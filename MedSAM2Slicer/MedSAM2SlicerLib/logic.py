@@ -74,8 +74,9 @@ class PanelLogic:
         self.negativeNode: Any = None
         self.roiNode: Any = None
         self.promptView: Any = None  # slice node the latest prompt was placed in
-        self.status = ""
+        self.status = ""  # the latest outcome or error, one line
         self.error = False
+        self.encodingText = ""  # "encoding 37/120" while slices are encoded in the background
         self.licencePending: Optional[LicenceQuestion] = None
         self._job: Optional[tuple[str, Any]] = None  # (kind, job) running on the worker
         self._queued: dict[str, Any] = {}  # "preview" -> True, "propagate" -> PropagationRequest
@@ -272,7 +273,10 @@ class PanelLogic:
         if kind != "encode":
             self._job[1].target = (self.segmentationNode, self.segmentId, self.volumeNode)
         self.worker.start(job)
-        self._say({"encode": "encoding", "preview": "previewing", "propagate": "propagating"}[kind])
+        if kind == "encode":
+            self.encodingText = f"encoding {job.handle.encoded}/{job.handle.numSlices}"
+        else:
+            self._say({"preview": "previewing", "propagate": "propagating"}[kind])
 
     def _checkBox(self) -> None:
         """Preview the box once it is complete, and again after its handles are dragged."""
@@ -301,7 +305,7 @@ class PanelLogic:
             self._startNext()
         if self.worker.busy and self._job and self._job[0] == "encode":
             handle = self._job[1].handle
-            self.status = f"encoding {handle.encoded}/{handle.numSlices}"
+            self.encodingText = f"encoding {handle.encoded}/{handle.numSlices}"
         return self.worker.busy or bool(self._queued)
 
     def _finish(self, kind: str, job: Any) -> None:
@@ -324,7 +328,9 @@ class PanelLogic:
 
     def _write(self, kind: str, job: Any, result: Any) -> None:
         if kind == "encode":
-            self._say(f"encoded {result} slices")
+            self.encodingText = f"encoded {result} slices"
+            if self.onChange:
+                self.onChange()
             return
         segmentationNode, segmentId, volumeNode = job.target
         if segmentationNode.GetScene() is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:

@@ -91,6 +91,9 @@ class Scene:
 
     def slice_node(self, orientation="Axial", name="Red"):
         """A slice view's node showing ``orientation`` (as the Red, Yellow or Green view)."""
+        if not getattr(self, "_presets", False):  # Slicer's application logic adds these at start-up
+            slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(self.scene)
+            self._presets = True
         node = self.scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
         node.SetLayoutName(name)
         node.SetOrientation(orientation)

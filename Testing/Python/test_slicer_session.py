@@ -79,7 +79,7 @@ def test_a_first_session_from_click_to_dicom_seg(monkeypatch, tmp_path, tiny_pre
     logic.setSource(volume, model=TEST_MODEL, device="cpu")
     assert logic.activity() == Activity.ENCODING
     logic.waitIdle(includeEncoding=True)
-    assert engine.created == 1 and logic.status == "encoded 20 slices"
+    assert engine.created == 1 and logic.encodingText == "encoded 20 slices"
     handle = logic.currentHandle()
     assert handle.encoded == 20 and handle.intensity == "400,40"  # the view's W/L when it started
     assert len(engine.session(handle.sessionId).feature_cache) == 20
@@ -133,7 +133,7 @@ def test_a_first_session_from_click_to_dicom_seg(monkeypatch, tmp_path, tiny_pre
     logic.propagate(PropagationRequest())
     logic.cancel()
     logic.waitIdle()
-    assert logic.status == "cancelled: the segment is unchanged" or logic.status.startswith("encod")
+    assert logic.status in ("cancelled: the segment is unchanged", "propagating")  # cancelled before it started
     np.testing.assert_array_equal(scene.read(logic.segmentationNode, liver, volume), after_first)
 
     # 7. A correction on another slice, propagated over slices 12..16 only: the rest is kept.
