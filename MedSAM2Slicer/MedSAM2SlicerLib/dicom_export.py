@@ -41,7 +41,7 @@ class ExportResult:
     path: Path
     segments: list[str]
     skippedEmpty: list[str] = field(default_factory=list)
-    sent: list[str] = field(default_factory=list)
+    sent: str = ""  # where it was sent, when it was
 
 
 def sourceFiles(volumeNode: Any, database: DicomDatabase) -> list[str]:
@@ -56,7 +56,9 @@ def sourceFiles(volumeNode: Any, database: DicomDatabase) -> list[str]:
     for uid in uids:
         path = database.fileForInstance(uid)
         if not path or not os.path.isfile(path):
-            raise InvalidPromptError(f"instance {uid} of {volumeNode.GetName()!r} is not in the DICOM database any more")
+            raise InvalidPromptError(
+                f"instance {uid} of {volumeNode.GetName()!r} is not in the DICOM database any more"
+            )
         files.append(path)
     return files
 
@@ -102,13 +104,39 @@ def exportDicomSeg(
         info = write_dicom_seg(fresh, series, items, model_name=modelName, checkpoint=checkpoint)
     assert info.path is not None
     importFolder(str(fresh))  # the folder holds this one file: it is inserted once
-    result = ExportResult(path=info.path, segments=[n for n in names if n not in info.skipped_empty],
-                          skippedEmpty=list(info.skipped_empty))
+    result = ExportResult(
+        path=info.path,
+        segments=[n for n in names if n not in info.skipped_empty],
+        skippedEmpty=list(info.skipped_empty),
+    )
     if send is not None:
-        from medsam2.dicom import pacs
-
-        if send.dicomwebUrl:
-            result.sent = pacs.stow_rs(send.dicomwebUrl, [info.path])
-        elif send.host:
-            result.sent = pacs.c_store(send.host, int(send.port), [info.path], called_aet=send.calledAet)
+        result.sent = sendExported(send, info.path)
     return result
+
+
+def sendExported(target: SendTarget, path: Path) -> str:
+    """Send one exported file (blocking: a network call) and say where it went, in one line."""
+    from medsam2.dicom import pacs
+
+    if target.dicomwebUrl:
+        stored = pacs.stow_rs(target.dicomwebUrl, [path])
+        where = target.dicomwebUrl
+    else:
+        stored = pacs.c_store(target.host, int(target.port), [path], called_aet=target.calledAet)
+        where = f"{target.calledAet}@{target.host}:{target.port}"
+    return f"DICOM-SEG sent to {where} ({len(stored)} object stored)"
+
+
+def parseSendTarget(text: str) -> Optional[SendTarget]:
+    """The panel's "Send SEG to" field: a DICOMweb root ("https://host/dicom-web") or a DIMSE node
+    ("AET@host:port", port 104 when left out); None when empty."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.startswith(("http://", "https://")):
+        return SendTarget(dicomwebUrl=text)
+    aet, _, address = text.rpartition("@")
+    host, _, port = address.partition(":")
+    if not host or (port and not port.isdigit()):
+        raise InvalidPromptError(f"send target must be https://HOST/dicom-web or AET@HOST:PORT, got {text!r}")
+    return SendTarget(host=host, port=int(port or 104), calledAet=aet or "ANY-SCP")

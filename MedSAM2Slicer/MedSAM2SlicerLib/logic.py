@@ -21,6 +21,7 @@ from medsam2.errors import InvalidPromptError
 
 from . import geometry, prompts, segments
 from .engine_client import EngineClient, LocalEngineClient
+from .errors import describeError
 from .licences import LicenceQuestion, LicenceRecord, licenceQuestion
 from .panel_state import Activity, controlStates
 from .runs import EncodeJob, PromptJob, PropagationRequest, SlabResult
@@ -63,7 +64,7 @@ class PanelLogic:
         self.engine: EngineClient = engine or LocalEngineClient()
         self.engineKey = engineKey
         self.sessions = SessionCache(self.engine)
-        self.writer = writer or SegmentWriter(scene)
+        self._writer = writer
         self.licences = LicenceRecord(licenceStore if licenceStore is not None else {})
         self.settings = PanelSettings()
         self.worker = BackgroundWorker()
@@ -84,6 +85,18 @@ class PanelLogic:
         self._observations: list[tuple[Any, int]] = []
         self.onChange: Optional[Callable[[], None]] = None  # the widget refreshes its controls
 
+    @property
+    def writer(self) -> SegmentWriter:
+        """Writes through the Segment Editor's logic; made on first use unless the panel gives one
+        (in Slicer: bound to the embedded Segment Editor's node and history)."""
+        if self._writer is None:
+            self._writer = SegmentWriter(self.scene)
+        return self._writer
+
+    @writer.setter
+    def writer(self, writer: SegmentWriter) -> None:
+        self._writer = writer
+
     # ------------------------------------------------------------------ inputs
     def setEngine(self, engine: EngineClient, engineKey: tuple[str, ...]) -> None:
         """Switch between the in-process engine and a server; sessions of the old one are closed."""
@@ -91,6 +104,15 @@ class PanelLogic:
         self.engine, self.engineKey = engine, engineKey
         self.sessions = SessionCache(engine)
         self.startEncoding()
+
+    def configureEngine(self, server: Any = None) -> None:
+        """The in-process engine (None) or a server (remote_settings.ServerSettings); switching
+        closes the old engine's sessions, keeping the same one does nothing."""
+        from .remote_settings import engineFor
+
+        key = server.key() if server is not None else ("local",)
+        if key != self.engineKey:
+            self.setEngine(engineFor(server), key)
 
     def setSource(self, volumeNode: Any, model: Optional[str] = None, device: Optional[str] = None) -> None:
         """A source volume (and model) chosen: encoding starts in the background."""
@@ -159,7 +181,7 @@ class PanelLogic:
     def controls(self) -> dict[str, bool]:
         return controlStates(self.activity(), self.writer.canUndo(), self.writer.canRedo())
 
-    def _say(self, text: str, error: bool = False) -> None:
+    def say(self, text: str, error: bool = False) -> None:
         self.status, self.error = text, error
         if self.onChange:
             self.onChange()
@@ -170,7 +192,7 @@ class PanelLogic:
             self.licencePending = None
             return True
         self.licencePending = licenceQuestion(self.settings.model)
-        self._say(f"accept the licence of {self.settings.model} to use it", error=True)
+        self.say(f"accept the licence of {self.settings.model} to use it", error=True)
         return False
 
     def answerLicence(self, accepted: bool) -> None:
@@ -180,7 +202,7 @@ class PanelLogic:
             self.startEncoding()
         else:
             self.licences.decline(self.settings.model)
-            self._say(f"{self.settings.model} was not accepted; choose another model", error=True)
+            self.say(f"{self.settings.model} was not accepted; choose another model", error=True)
 
     # ------------------------------------------------------------------ jobs
     def startEncoding(self) -> None:
@@ -193,7 +215,9 @@ class PanelLogic:
     def _jobBase(self, handle: SessionHandle) -> dict[str, Any]:
         needsVolume = not self.engine.has_session(handle.sessionId)
         view = geometry.imageToArray(self.volumeNode.GetImageData()) if needsVolume else None
-        return dict(engine=self.engine, handle=handle, volumeView=view, geometry=geometry.volumeGeometry(self.volumeNode))
+        return dict(
+            engine=self.engine, handle=handle, volumeView=view, geometry=geometry.volumeGeometry(self.volumeNode)
+        )
 
     def requestPreview(self) -> None:
         """A prompt was placed: preview its slice (now, or after the running preview)."""
@@ -243,7 +267,7 @@ class PanelLogic:
             try:
                 job = self._promptJob(request if kind == "propagate" else None)
             except Exception as exc:  # noqa: BLE001 - one line in the status, panel stays usable
-                self._say(_describe(exc), error=True)
+                self.say(describeError(exc), error=True)
                 continue
             if job is None:
                 continue
@@ -276,7 +300,7 @@ class PanelLogic:
         if kind == "encode":
             self.encodingText = f"encoding {job.handle.encoded}/{job.handle.numSlices}"
         else:
-            self._say({"preview": "previewing", "propagate": "propagating"}[kind])
+            self.say({"preview": "previewing", "propagate": "propagating"}[kind])
 
     def _checkBox(self) -> None:
         """Preview the box once it is complete, and again after its handles are dragged."""
@@ -311,17 +335,17 @@ class PanelLogic:
     def _finish(self, kind: str, job: Any) -> None:
         state = self.worker.state
         if state == WorkerState.FAILED:
-            self._say(self.worker.error or "failed", error=True)
+            self.say(self.worker.error or "failed", error=True)
         elif state == WorkerState.CANCELLED:
             if kind == "propagate":
-                self._say("cancelled: the segment is unchanged")
+                self.say("cancelled: the segment is unchanged")
             if kind == "encode":
                 self._queued.setdefault("encode", True)  # resumed when the worker is free
         elif state == WorkerState.DONE:
             try:
                 self._write(kind, job, self.worker.result)
             except Exception as exc:  # noqa: BLE001 - an MRML write that fails must not leave the panel stuck
-                self._say(_describe(exc), error=True)
+                self.say(describeError(exc), error=True)
         self.worker.reset()
         if kind != "encode" and not self._queued.get("encode"):
             self._queued["encode"] = True
@@ -334,17 +358,21 @@ class PanelLogic:
             return
         segmentationNode, segmentId, volumeNode = job.target
         if segmentationNode.GetScene() is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
-            self._say("the segment was deleted while it was computed; nothing written", error=True)
+            self.say("the segment was deleted while it was computed; nothing written", error=True)
             return
         axis = job.handle.axis
         if kind == "preview":
             for preview in result:
-                self.writer.writePreview(segmentationNode, segmentId, volumeNode, axis, int(preview.slice_index), preview.mask)
-            self._say("preview shown; propagate with Enter")
+                self.writer.writePreview(
+                    segmentationNode, segmentId, volumeNode, axis, int(preview.slice_index), preview.mask
+                )
+            self.say("preview shown; propagate with Enter")
             return
         assert isinstance(result, SlabResult)
-        self.writer.writePropagation(segmentationNode, segmentId, volumeNode, result.axis, result.lo, result.hi, result.slab)
-        self._say(f"done: slices {result.lo} to {result.hi} updated")
+        self.writer.writePropagation(
+            segmentationNode, segmentId, volumeNode, result.axis, result.lo, result.hi, result.slab
+        )
+        self.say(f"done: slices {result.lo} to {result.hi} updated")
 
     def waitIdle(self, includeEncoding: bool = False, timeout: float = 600.0) -> None:
         """Scripts and tests: tick until nothing runs or is queued (background encoding only counts
@@ -407,7 +435,9 @@ class PanelLogic:
         if self.segmentationNode is None or self.segmentationNode.GetScene() is None:
             self.segmentationNode = segments.createSegmentationNode(self.volumeNode)
         if not self.segmentId or self.segmentationNode.GetSegmentation().GetSegment(self.segmentId) is None:
-            self.segmentId = segments.addSegment(self.segmentationNode, self.volumeNode, terminologyEntry=terminologyEntry)
+            self.segmentId = segments.addSegment(
+                self.segmentationNode, self.volumeNode, terminologyEntry=terminologyEntry
+            )
         return self.segmentationNode, self.segmentId
 
     def addSegment(self, name: Optional[str] = None, terminologyEntry: Optional[str] = None) -> str:
@@ -416,8 +446,10 @@ class PanelLogic:
         if self.segmentationNode is None:
             self.ensureOutput(terminologyEntry)
         else:
-            self.setOutput(self.segmentationNode, segments.addSegment(
-                self.segmentationNode, self.volumeNode, name, terminologyEntry=terminologyEntry))
+            self.setOutput(
+                self.segmentationNode,
+                segments.addSegment(self.segmentationNode, self.volumeNode, name, terminologyEntry=terminologyEntry),
+            )
         self.clearMarkups()
         return self.segmentId
 
@@ -431,13 +463,16 @@ class PanelLogic:
         """Forget the current segment's prompts, on screen and in the engine (off the GUI thread)."""
         self.clearMarkups()
         for handle in self.sessions.handles.values():
-            objectId = handle.objectIds.pop((self.segmentationNode.GetID(), self.segmentId), None) if self.segmentationNode else None
+            objectId = (
+                handle.objectIds.pop((self.segmentationNode.GetID(), self.segmentId), None)
+                if self.segmentationNode
+                else None
+            )
             if objectId is None:
                 continue
             handle.log.pop(objectId, None)
-            sessionId, engine = handle.sessionId, self.engine
-            if sessionId is not None:
-                self.sessions.inBackground(lambda s=sessionId, o=objectId: engine.remove_object(s, o))
+            if handle.sessionId is not None:
+                self.sessions.inBackground(lambda e=self.engine, s=handle.sessionId, o=objectId: e.remove_object(s, o))
 
     def rewindow(self, windowPreset: Optional[str] = None) -> str:
         """Re-encode the current axis with a new window (None: the view's W/L now); prompts are kept."""
@@ -454,10 +489,16 @@ class PanelLogic:
         return fresh.intensity
 
     def undo(self) -> bool:
-        return self.activity() not in (Activity.PROPAGATING, Activity.CANCELLING, Activity.PREVIEWING) and self.writer.undo()
+        return (
+            self.activity() not in (Activity.PROPAGATING, Activity.CANCELLING, Activity.PREVIEWING)
+            and self.writer.undo()
+        )
 
     def redo(self) -> bool:
-        return self.activity() not in (Activity.PROPAGATING, Activity.CANCELLING, Activity.PREVIEWING) and self.writer.redo()
+        return (
+            self.activity() not in (Activity.PROPAGATING, Activity.CANCELLING, Activity.PREVIEWING)
+            and self.writer.redo()
+        )
 
     def sliceIndexInView(self, sliceNode: Any) -> int:
         """For "Set from current slice": the slice the view shows, along the session's axis."""
@@ -478,13 +519,3 @@ class PanelLogic:
         self.volumeNode = self.segmentationNode = None
         self.segmentId = ""
         self.promptView = None
-
-
-def _describe(exc: BaseException) -> str:
-    """Engine errors are one line written for users; anything else keeps its type and is logged."""
-    from medsam2.errors import MedSAM2Error
-
-    if isinstance(exc, MedSAM2Error):
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    logger.error("MedSAM2 error", exc_info=exc)
-    return f"{type(exc).__name__}: {exc}"

@@ -10,6 +10,24 @@ from __future__ import annotations
 
 import enum
 
+# The panel's choices (labels shown -> what the logic takes).
+DEFAULT_MODELS = ("medsam2-latest", "medsam2-ct-lesion", "medsam2-mri-liver-lesion", "medsam2-us-heart", "sam2.1-tiny")
+# Window preset label -> engine intensity spec (medsam2.intensity.parse_intensity); None: the views' W/L.
+WINDOW_PRESETS = {
+    "Volume display": None,
+    "Abdomen": "abdomen",
+    "Soft tissue": "soft_tissue",
+    "Liver": "liver",
+    "Mediastinum": "mediastinum",
+    "Lung": "lung",
+    "Bone": "bone",
+    "Brain": "brain",
+    "MRI (percentile)": "mri",
+    "Min-max": "minmax",
+}
+SLICE_AXES = {"Follow clicked view": None, "Axial": "axial", "Coronal": "coronal", "Sagittal": "sagittal"}
+DIRECTIONS = {"Both directions": "both", "Forward (increasing slice)": "forward", "Backward": "backward"}
+
 
 class Activity(str, enum.Enum):
     NO_INPUT = "no input"  # no source volume (or the engine cannot run)
@@ -25,11 +43,11 @@ SESSION_CONTROLS = (
     "inputVolumeSelector",
     "outputSegmentationSelector",
     "modelSelector",
-    "deviceComboBox",
-    "engineLocationComboBox",
-    "windowPresetComboBox",
+    "deviceSelector",
+    "engineLocationSelector",
+    "windowPresetSelector",
     "rewindowButton",
-    "sliceAxisComboBox",
+    "sliceAxisSelector",
     "segmentSelector",
     "addSegmentButton",
     "clearPromptsButton",

@@ -119,3 +119,14 @@ def promptSlices(prompts: PromptBundle, axis: int) -> set[int]:
     slices = {int(np.round(p[axis])) for p in prompts.points_ijk}
     slices |= {int(np.round(a[axis])) for a, _b in prompts.boxes}
     return slices | {int(s) for s in prompts.masks}
+
+
+def createPromptNode(scene: Any, name: str, className: str, color: tuple[float, float, float]) -> Any:
+    """A markups node for prompts, in its colour, without labels (they would hide the anatomy)."""
+    node = scene.AddNewNodeByClass(className, name)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetSelectedColor(*color)
+    display.SetColor(*color)
+    display.SetPointLabelsVisibility(False)
+    return node

@@ -8,9 +8,24 @@ import sys
 
 # Dependency order: every module comes after the ones it imports.
 ORDER = (
-    "versions", "dependencies", "worker", "engine_client", "geometry", "terminology", "segments",
-    "prompts", "writer", "sessions", "runs", "panel_state", "licences", "remote_settings",
-    "dicom_export", "logic",
+    "versions",
+    "dependencies",
+    "errors",
+    "worker",
+    "engine_client",
+    "geometry",
+    "terminology",
+    "segments",
+    "prompts",
+    "writer",
+    "sessions",
+    "runs",
+    "panel_state",
+    "licences",
+    "remote_settings",
+    "dicom_export",
+    "settings_store",
+    "logic",
 )
 
 

@@ -117,9 +117,7 @@ def slabExtent(volumeNode: Any, axis: int, lo: int, hi: int) -> Extent:
     return tuple(extent)  # type: ignore[return-value]
 
 
-def readSegment(
-    segmentationNode: Any, segmentId: str, volumeNode: Any, extent: Optional[Extent] = None
-) -> np.ndarray:
+def readSegment(segmentationNode: Any, segmentId: str, volumeNode: Any, extent: Optional[Extent] = None) -> np.ndarray:
     """The segment's voxels on the volume's grid (only ``extent`` of it), uint8 0/1 [k, j, i], a copy."""
     checkSegmentation(segmentationNode, segmentId)
     return readSegmentOnGrid(segmentationNode, segmentId, gridImage(volumeNode, segmentationNode, extent))

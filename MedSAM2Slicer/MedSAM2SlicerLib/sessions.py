@@ -87,9 +87,14 @@ class SessionCache:
         if existing is not None:
             return existing
         for axis, handle in list(self.handles.items()):
-            sameSource = (handle.key.volumeId, handle.key.imageMTime, handle.key.geometry, handle.key.model,
-                          handle.key.device, handle.key.engine) == (key.volumeId, key.imageMTime, key.geometry,
-                                                                    key.model, key.device, key.engine)
+            sameSource = (
+                handle.key.volumeId,
+                handle.key.imageMTime,
+                handle.key.geometry,
+                handle.key.model,
+                handle.key.device,
+                handle.key.engine,
+            ) == (key.volumeId, key.imageMTime, key.geometry, key.model, key.device, key.engine)
             if not sameSource or axis == key.axis:
                 self.close(axis)
         handle = SessionHandle(key=key, intensity=intensity, numSlices=volumeShape(volumeNode)[2 - key.axis])

@@ -56,3 +56,14 @@ def segmentTerminology(segmentationNode: Any, segmentId: str) -> Terminology:
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     rgb = tuple(int(round(255 * c)) for c in segment.GetColor())
     return terminologyFromEntry(segment.GetTerminology(), segment.GetName(), rgb)  # type: ignore[arg-type]
+
+
+def entryFromNavigator(navigator: Any) -> Optional[str]:
+    """The serialized entry chosen in Slicer's terminology navigator widget, or None when no type is
+    chosen (qSlicerTerminologyNavigatorWidget.terminologyEntry fills a vtkSlicerTerminologyEntry)."""
+    entry = slicer.vtkSlicerTerminologyEntry()
+    if not navigator.terminologyEntry(entry) or entry.GetTypeObject() is None:
+        return None
+    if not entry.GetTypeObject().GetCodeValue():
+        return None
+    return str(slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry))

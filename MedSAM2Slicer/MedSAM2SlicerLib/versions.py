@@ -35,12 +35,8 @@ def versionProblem(versionText: str) -> Optional[str]:
 
 def apiProblem(slicerModule: object) -> Optional[str]:
     """The same check by feature, for builds whose version string says little (developer builds)."""
-    missing = [
-        name
-        for name in ("vtkSlicerSegmentEditorLogic", "vtkSegment")
-        if not hasattr(slicerModule, name)
-    ]
-    if not missing and not hasattr(getattr(slicerModule, "vtkSegment"), "SetTerminology"):
+    missing = [name for name in ("vtkSlicerSegmentEditorLogic", "vtkSegment") if not hasattr(slicerModule, name)]
+    if not missing and not hasattr(slicerModule.vtkSegment, "SetTerminology"):
         missing.append("vtkSegment.SetTerminology")
     if missing:
         return f"MedSAM2 needs Slicer {MINIMUM_SLICER_TEXT} or later; this Slicer lacks {', '.join(missing)}"

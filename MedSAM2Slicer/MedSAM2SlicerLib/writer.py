@@ -68,6 +68,18 @@ class WidgetHistory:
     undoAvailable: Callable[[], bool]
     redoAvailable: Callable[[], bool]
 
+    @classmethod
+    def ofEditor(cls, editor: Any, findChild: Callable[[str], Any]) -> WidgetHistory:
+        """A qMRMLSegmentEditorWidget's history; its Undo/Redo buttons (named so in its .ui) tell
+        whether a step is available, as the widget's private logic enables them."""
+        return cls(
+            editor.saveStateForUndo,
+            editor.undo,
+            editor.redo,
+            lambda: bool(findChild("UndoButton").enabled),
+            lambda: bool(findChild("RedoButton").enabled),
+        )
+
     def save(self) -> bool:
         self.saveState()
         return True
@@ -138,15 +150,21 @@ class SegmentWriter:
         everything = vtkImageFromSlab(volumeNode, segmentationNode, extent, np.ones_like(slab, dtype=np.uint8))
         mask = vtkImageFromSlab(volumeNode, segmentationNode, extent, slab)
         self.editorNode.SetSelectedSegmentID(segmentId)  # masking "inside/outside" is relative to it
-        self.logic.ModifySegmentByLabelmap(segmentationNode, segmentId, everything, Logic.ModificationModeRemove, extent, False, False)
-        self.logic.ModifySegmentByLabelmap(segmentationNode, segmentId, mask, Logic.ModificationModeAdd, extent, False, False)
+        self.logic.ModifySegmentByLabelmap(
+            segmentationNode, segmentId, everything, Logic.ModificationModeRemove, extent, False, False
+        )
+        self.logic.ModifySegmentByLabelmap(
+            segmentationNode, segmentId, mask, Logic.ModificationModeAdd, extent, False, False
+        )
         return extent
 
     def writePreview(
         self, segmentationNode: Any, segmentId: str, volumeNode: Any, axis: int, sliceIndex: int, mask2d: np.ndarray
     ) -> None:
         """The model's mask on one prompted slice (2D as cut from [k, j, i] along ``axis``)."""
-        self.writeSlab(segmentationNode, segmentId, volumeNode, axis, sliceIndex, sliceIndex, np.expand_dims(mask2d, 2 - axis))
+        self.writeSlab(
+            segmentationNode, segmentId, volumeNode, axis, sliceIndex, sliceIndex, np.expand_dims(mask2d, 2 - axis)
+        )
 
     def writePropagation(
         self, segmentationNode: Any, segmentId: str, volumeNode: Any, axis: int, lo: int, hi: int, slab: np.ndarray

@@ -14,10 +14,10 @@ vtk = pytest.importorskip("vtk", reason="vtk is not installed")
 
 from slicer_scene import LPS, SHAPE, Scene, ijk_to_ras  # noqa: E402
 
+from medsam2.errors import InvalidPromptError, InvalidVolumeError  # noqa: E402
 from MedSAM2SlicerLib import geometry, prompts, segments  # noqa: E402
 from MedSAM2SlicerLib.geometry import vtkMatrixFromArray  # noqa: E402
 from MedSAM2SlicerLib.writer import SegmentWriter  # noqa: E402
-from medsam2.errors import InvalidPromptError, InvalidVolumeError  # noqa: E402
 
 TARGET_IJK = (7, 11, 13)
 
@@ -34,7 +34,9 @@ def _rotation(axis, degrees):
 # transform that rotates and translates.
 CASES = {
     "lps": dict(matrix=ijk_to_ras(LPS, (0.7, 0.8, 2.5), (110.0, 95.0, -40.0)), axial_axis=2),
-    "oblique": dict(matrix=ijk_to_ras(_rotation((1, 2, 3), 20) @ LPS, (0.7, 0.8, 2.5), (30.0, -12.0, 7.5)), axial_axis=2),
+    "oblique": dict(
+        matrix=ijk_to_ras(_rotation((1, 2, 3), 20) @ LPS, (0.7, 0.8, 2.5), (30.0, -12.0, 7.5)), axial_axis=2
+    ),
     "coronal": dict(
         matrix=ijk_to_ras(np.array([[-1, 0, 0], [0, 0, 1], [0, -1, 0]]), (0.6, 3.0, 0.9), (20.0, -60.0, 80.0)),
         axial_axis=1,
@@ -197,7 +199,9 @@ def test_editable_area_and_intensity_range_limit_what_the_model_writes(scene):
     node.SetSourceVolumeIntensityMaskRange(100, 300)  # the bright blob only
     writer.writePropagation(segmentation, second, volume, 2, 0, SHAPE[0] - 1, np.ones(SHAPE, np.uint8))
     voxels = slicer.util.arrayFromVolume(volume)
-    np.testing.assert_array_equal(scene.read(segmentation, second, volume), ((voxels >= 100) & (voxels <= 300)).astype(np.uint8))
+    np.testing.assert_array_equal(
+        scene.read(segmentation, second, volume), ((voxels >= 100) & (voxels <= 300)).astype(np.uint8)
+    )
 
 
 def test_one_undo_state_per_round_of_previews_and_propagation(scene):

@@ -43,8 +43,8 @@ class Database:
 def _dicom_volume(scene, tmp_path):
     """A CT series on disk, loaded the way Slicer's DICOM plugin loads it (instance UIDs in k order)."""
     import pydicom
-
     from dicom_factory import write_series
+
     from medsam2.geometry import VolumeGeometry
 
     shape = (20, 40, 36)
@@ -143,7 +143,9 @@ def test_a_first_session_from_click_to_dicom_seg(monkeypatch, tmp_path, tiny_pre
     logic.propagate(PropagationRequest(sliceRange=(12, 16)))
     logic.waitIdle()
     corrected = scene.read(logic.segmentationNode, liver, volume)
-    np.testing.assert_array_equal(np.delete(corrected, range(12, 17), axis=0), np.delete(after_first, range(12, 17), axis=0))
+    np.testing.assert_array_equal(
+        np.delete(corrected, range(12, 17), axis=0), np.delete(after_first, range(12, 17), axis=0)
+    )
     np.testing.assert_array_equal(corrected[12:17], engine.fetch_mask(handle.sessionId, 1)[12:17])
 
     # 8. Paint slice 4 and propagate it as a mask prompt.
@@ -185,7 +187,9 @@ def test_a_first_session_from_click_to_dicom_seg(monkeypatch, tmp_path, tiny_pre
     result = exportDicomSeg(
         logic.segmentationNode, volume, Database(written), imported.append, modelName="test", checkpoint="random"
     )
-    assert imported == [str(result.path.parent)] and [p.name for p in result.path.parent.iterdir()] == [result.path.name]
+    assert imported == [str(result.path.parent)] and [p.name for p in result.path.parent.iterdir()] == [
+        result.path.name
+    ]
     import pydicom
 
     seg = pydicom.dcmread(result.path)

@@ -55,8 +55,11 @@ def test_worker_state_machine():
 
 def test_written_range_covers_the_rest_of_a_direction_that_stopped():
     outcome = PropagationOutcome(
-        masks={1: np.zeros((24, 4, 4), np.uint8)}, propagated={1: (8, 14)}, stopped_early={1: ["forward"]},
-        axis=2, num_slices=24,
+        masks={1: np.zeros((24, 4, 4), np.uint8)},
+        propagated={1: (8, 14)},
+        stopped_early={1: ["forward"]},
+        axis=2,
+        num_slices=24,
     )
     assert writtenRange(outcome, 1, PropagationRequest()) == (8, 23)
     assert writtenRange(outcome, 1, PropagationRequest(sliceRange=(4, 18))) == (8, 18)
@@ -254,7 +257,8 @@ def test_the_server_engine_writes_the_same_voxels_and_its_session_is_closed(monk
 
     token = secrets.token_urlsafe(32)
     app = create_app(
-        settings.ServerSettings(token=token, models=("tiny-test",), memory_budget_bytes=256 << 20), lambda name: tiny_predictor
+        settings.ServerSettings(token=token, models=("tiny-test",), memory_budget_bytes=256 << 20),
+        lambda name: tiny_predictor,
     )
     scene = Scene(monkeypatch)
     volume = scene.add_volume()
@@ -268,8 +272,9 @@ def test_the_server_engine_writes_the_same_voxels_and_its_session_is_closed(monk
             logic.setPromptNodes(positive, None, None)
             logic.settings.model, logic.settings.device, logic.settings.windowPreset = "tiny-test", "cpu", "abdomen"
             positive.AddControlPoint(*scene.world(volume, (15, 18, 10)))
-            segmentation, segment = logic.segment(volume, [scene.world(volume, (15, 18, 10))],
-                                                  request=PropagationRequest(sliceRange=(4, 16)))
+            segmentation, segment = logic.segment(
+                volume, [scene.world(volume, (15, 18, 10))], request=PropagationRequest(sliceRange=(4, 16))
+            )
             results.append(scene.read(segmentation, segment, volume))
             logic.close()
             logic.sessions.waitForBackground()
