@@ -278,7 +278,12 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = self.panel.settings
         settings.device, settings.windowPreset = p.device, WINDOW_PRESETS[p.windowPreset]
         settings.sliceAxis, settings.usePaintedSlice = SLICE_AXES[p.sliceAxis], p.usePaintedSlice
+        settings.previewPrompts = p.previewPrompts
         self.saveSettings()
+        if p.engineLocation != getattr(self, "_engineLocation", None):  # local needs torch, remote does not
+            self._engineLocation = p.engineLocation
+            self.updateDependencyStatus()
+            self.onSourceChanged()
         self.updateGui()
 
     # ------------------------------------------------------------------ forwarding to the panel logic
@@ -339,7 +344,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             self.panel.notePromptView(sliceNode)
         self.call(self.ensureOutput)
-        if self._parameterNode.previewPrompts and not caller.IsA("vtkMRMLMarkupsROINode"):
+        if not caller.IsA("vtkMRMLMarkupsROINode"):  # a box is previewed by the logic once complete
             self.panel.requestPreview()
 
     def onPlace(self, kind: str) -> None:

@@ -143,8 +143,8 @@ def sliceAxisForSliceNode(volumeNode: Any, sliceNode: Any) -> int:
     return voxelAxisForView(volumeNode, sliceToRas[:3, 2])
 
 
-def sliceIndexAt(volumeNode: Any, pointWorld: Sequence[float], axis: int) -> int:
-    index = int(np.round(worldToIjk(volumeNode, [pointWorld])[0, axis]))
+def sliceIndexAt(volumeNode: Any, pointWorld: Union[Sequence[float], np.ndarray], axis: int) -> int:
+    index = int(np.round(worldToIjk(volumeNode, np.asarray(pointWorld, dtype=float)[None])[0, axis]))
     count = volumeShape(volumeNode)[2 - axis]
     if not 0 <= index < count:
         raise InvalidPromptError(f"the slice view is outside volume {volumeNode.GetName()!r} (slice {index})")

@@ -49,6 +49,7 @@ class PanelSettings:
     windowPreset: Optional[str] = None  # an engine preset ("abdomen", "mri"...) or None: the view's W/L
     sliceAxis: Optional[str] = None  # "axial"/"coronal"/"sagittal", or None: the view prompts come from
     usePaintedSlice: bool = False
+    previewPrompts: bool = True  # preview the prompted slice after each click or completed box
 
 
 class PanelLogic:
@@ -123,6 +124,8 @@ class PanelLogic:
         if volumeNode is not None:
             geometry.checkVolume(volumeNode)
         self.volumeNode = volumeNode
+        if self._job is not None and self._job[0] == "encode" and self.worker.busy:
+            self.worker.cancel()  # the old volume's or model's encoding; the new one is queued below
         self.startEncoding()
 
     def setPromptNodes(self, positive: Any, negative: Any, roi: Any) -> None:
@@ -221,7 +224,7 @@ class PanelLogic:
 
     def requestPreview(self) -> None:
         """A prompt was placed: preview its slice (now, or after the running preview)."""
-        if self.volumeNode is not None and self.segmentationNode is not None:
+        if self.settings.previewPrompts and self.volumeNode is not None and self.segmentationNode is not None:
             self._queued["preview"] = True
             self.tick()
 
@@ -313,7 +316,8 @@ class PanelLogic:
         signature = np.concatenate(box).tobytes() if box else None
         if signature != self._boxSeen:
             self._boxSeen = signature
-            self._queued["preview"] = True
+            if self.settings.previewPrompts and self.segmentationNode is not None:
+                self._queued["preview"] = True
 
     def tick(self) -> bool:
         """GUI thread (the widget's timer; tests call it): deliver the worker's events, write finished
@@ -472,7 +476,7 @@ class PanelLogic:
                 continue
             handle.log.pop(objectId, None)
             if handle.sessionId is not None:
-                self.sessions.inBackground(lambda e=self.engine, s=handle.sessionId, o=objectId: e.remove_object(s, o))
+                self.sessions.inBackground(_call(self.engine.remove_object, handle.sessionId, objectId))
 
     def rewindow(self, windowPreset: Optional[str] = None) -> str:
         """Re-encode the current axis with a new window (None: the view's W/L now); prompts are kept."""
@@ -519,3 +523,12 @@ class PanelLogic:
         self.volumeNode = self.segmentationNode = None
         self.segmentId = ""
         self.promptView = None
+
+
+def _call(function: Callable[..., Any], *args: Any) -> Callable[[], None]:
+    """A call with its arguments bound now (a lambda in a loop would see the loop's last values)."""
+
+    def run() -> None:
+        function(*args)
+
+    return run

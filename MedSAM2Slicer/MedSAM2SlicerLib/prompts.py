@@ -60,7 +60,7 @@ def _roiCornersIjk(volumeNode: Any, roiNode: Any) -> tuple[np.ndarray, np.ndarra
     half = np.asarray(roiNode.GetSize(), dtype=float) / 2.0
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
     cornersWorld = (signs * half) @ objectToWorld[:3, :3].T + objectToWorld[:3, 3]
-    return worldToIjk(volumeNode, cornersWorld), worldToIjk(volumeNode, [objectToWorld[:3, 3]])[0]
+    return worldToIjk(volumeNode, cornersWorld), worldToIjk(volumeNode, objectToWorld[None, :3, 3])[0]
 
 
 def boxIsComplete(volumeNode: Any, roiNode: Any, axis: int) -> bool:

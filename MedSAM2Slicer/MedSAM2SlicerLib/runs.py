@@ -98,6 +98,8 @@ class EncodeJob(EngineJob):
             # precompute_features counts the slices still to encode; the panel shows all of them.
             self.handle.encoded = total - todo + done
             context.progress(self.handle.encoded, total)
+            if self.handle.closed:  # another volume or model was chosen, or the scene closed
+                raise JobCancelled("closed")
             context.raise_if_cancelled()
 
         context.phase(WorkerState.PROPAGATING)

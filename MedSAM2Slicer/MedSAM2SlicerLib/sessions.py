@@ -116,7 +116,8 @@ class SessionCache:
             return
         handle.closed = True  # a job still creating it closes it when it is done
         if handle.sessionId is not None:
-            self.inBackground(lambda sid=handle.sessionId: self.engine.close_session(sid))
+            engine, sessionId = self.engine, handle.sessionId
+            self.inBackground(lambda: engine.close_session(sessionId))
 
     def closeAll(self) -> None:
         for axis in list(self.handles):

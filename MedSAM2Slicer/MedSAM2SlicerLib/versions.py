@@ -8,7 +8,7 @@ has ``vtkSlicerSegmentEditorLogic``, the Segment Editor's own editing logic ever
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
 MINIMUM_SLICER = (5, 10)
 MINIMUM_SLICER_TEXT = f"{MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]}"
@@ -33,7 +33,7 @@ def versionProblem(versionText: str) -> Optional[str]:
     return None
 
 
-def apiProblem(slicerModule: object) -> Optional[str]:
+def apiProblem(slicerModule: Any) -> Optional[str]:
     """The same check by feature, for builds whose version string says little (developer builds)."""
     missing = [name for name in ("vtkSlicerSegmentEditorLogic", "vtkSegment") if not hasattr(slicerModule, name)]
     if not missing and not hasattr(slicerModule.vtkSegment, "SetTerminology"):

@@ -136,6 +136,21 @@ def test_a_click_during_encoding_previews_first_and_encoding_resumes(panel):
     assert len(engine.session(handle.sessionId).feature_cache) == 24
 
 
+def test_choosing_another_volume_stops_the_first_ones_encoding_and_closes_its_session(panel):
+    scene, volume, engine, logic, positive = panel
+    logic.setSource(volume)
+    assert engine.reached.wait(120)
+    first = logic.currentHandle()
+    other = scene.add_volume(name="MR", shape=(12, 40, 36))
+    logic.setSource(other)
+    engine.proceed.set()
+    logic.waitIdle(includeEncoding=True)
+    logic.sessions.waitForBackground()
+    assert first.closed and first.encoded < 24
+    second = logic.currentHandle()
+    assert second.encoded == 12 and engine.open_sessions() == 1
+
+
 def test_cancel_mid_propagation_leaves_the_segment_unchanged_and_a_failure_says_one_line(panel):
     scene, volume, engine, logic, positive = panel
     engine.proceed.set()
