@@ -170,6 +170,19 @@ def test_a_server_connection_test_names_an_unreachable_server_in_one_line():
     assert "127.0.0.1" in str(failure.value) and "\n" not in str(failure.value)
 
 
+def test_the_send_to_field_names_a_dicomweb_server_or_a_dicom_node():
+    from MedSAM2SlicerLib.dicom_export import SendTarget, parseSendTarget
+
+    assert parseSendTarget("  ") is None
+    assert parseSendTarget("https://pacs.example/dicom-web") == SendTarget(dicomwebUrl="https://pacs.example/dicom-web")
+    assert parseSendTarget("ORTHANC@pacs.example:4242") == SendTarget(
+        host="pacs.example", port=4242, calledAet="ORTHANC"
+    )
+    assert parseSendTarget("pacs.example") == SendTarget(host="pacs.example", port=104, calledAet="ANY-SCP")
+    with pytest.raises(InvalidPromptError, match="send target must be"):
+        parseSendTarget("ORTHANC@pacs.example:dicom")
+
+
 def test_requirements_agree_with_pyproject_and_remote_needs_neither_torch_nor_sam2():
     pyproject = (ROOT / "pyproject.toml").read_text()
     for location in ("local", "remote"):

@@ -151,6 +151,21 @@ def test_choosing_another_volume_stops_the_first_ones_encoding_and_closes_its_se
     assert second.encoded == 12 and engine.open_sessions() == 1
 
 
+def test_a_model_with_a_restrictive_licence_is_not_used_before_it_is_accepted(panel):
+    scene, volume, engine, logic, positive = panel
+    engine.proceed.set()
+    logic.setSource(volume, model="medsam2-latest")
+    assert logic.licencePending is not None and "CC-BY-SA-4.0" in logic.licencePending.text()
+    assert logic.activity() == Activity.IDLE and engine.created == 0, "nothing encoded (or downloaded) yet"
+    logic.answerLicence(False)
+    logic.waitIdle(includeEncoding=True)
+    assert engine.created == 0 and logic.error
+    logic.answerLicence(True)
+    logic.waitIdle(includeEncoding=True)
+    assert engine.created == 1 and logic.licencePending is None
+    assert PanelLogic(scene.scene, engine=engine, licenceStore=logic.licences.store).licences.accepted("medsam2-latest")
+
+
 def test_cancel_mid_propagation_leaves_the_segment_unchanged_and_a_failure_says_one_line(panel):
     scene, volume, engine, logic, positive = panel
     engine.proceed.set()
