@@ -13,7 +13,7 @@ SAM2_BUILD_CUDA ?= 0
 # intensity recipe apply to that file; a bare state dict does not say which.
 MODEL ?= medsam2-latest
 
-.PHONY: install test lint demo benchmark clean
+.PHONY: install test lint demo benchmark clean test-slicer-oldest
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,30 @@ lint: install
 	$(VENV)/bin/ruff check MedSAM2Slicer Testing benchmarks
 	$(VENV)/bin/mypy
 
-test: install lint
+test: install lint test-slicer-oldest
 	$(VENV)/bin/pytest -q
+
+# --- Slicer panel: its MRML tests also against the oldest slicer-core on PyPI --------------------
+# The test extra installs the newest slicer-core; the panel must only use what 5.10-era MRML has, so
+# the MRML-facing Slicer tests run a second time with the oldest release (and the vtk it pins) first on
+# the path. The folder is outside the venv, so the main run is unaffected.
+SLICER_CORE_OLDEST ?= 5.11.0.2
+SLICER_CORE_OLDEST_VTK ?= 9.6.0
+SLICER_CORE_OLDEST_DIR := .slicer-core-oldest
+SLICER_OLDEST_TESTS := Testing/Python/test_slicer_logic.py Testing/Python/test_slicer_session.py
+
+$(SLICER_CORE_OLDEST_DIR)/.installed: Makefile
+	rm -rf $(SLICER_CORE_OLDEST_DIR)
+	$(PIP) install --quiet --no-deps --target $(SLICER_CORE_OLDEST_DIR) \
+		slicer-core==$(SLICER_CORE_OLDEST) vtk==$(SLICER_CORE_OLDEST_VTK)
+	touch $@
+
+test-slicer-oldest: install $(SLICER_CORE_OLDEST_DIR)/.installed
+	PYTHONPATH=$(SLICER_CORE_OLDEST_DIR) $(PY) -c "import importlib.metadata as m, os, slicer; \
+		v = m.version('slicer-core'); assert v == '$(SLICER_CORE_OLDEST)', v; \
+		assert os.path.abspath(slicer.__file__).startswith('$(abspath $(SLICER_CORE_OLDEST_DIR))'), slicer.__file__; \
+		print('slicer-core', v, 'from', os.path.dirname(slicer.__file__))"
+	PYTHONPATH=$(SLICER_CORE_OLDEST_DIR) $(VENV)/bin/pytest -q $(SLICER_OLDEST_TESTS)
 
 demo: install
 	$(VENV)/bin/medsam2 demo --output demo-output $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT) --model $(MODEL)) $(DEMO_ARGS)
@@ -39,4 +61,4 @@ benchmark: install
 	$(PY) benchmarks/bench_propagation.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache $(SLICER_CORE_OLDEST_DIR)

@@ -118,9 +118,7 @@ class InstallPlan:
         lines = ["MedSAM2 needs Python packages that are not installed yet:"]
         lines += [f"  - {reason}" for reason in self.reasons]
         if self.torch:
-            lines.append(
-                "PyTorch will be installed by the PyTorch extension (it picks the build for your GPU)."
-            )
+            lines.append("PyTorch will be installed by the PyTorch extension (it picks the build for your GPU).")
         if self.pip:
             lines.append("Then: pip install " + " ".join(str(r) for r in self.pip))
         lines.append("This downloads several hundred MB and may take minutes. Install now?")
@@ -166,9 +164,7 @@ def ensure_dependencies(
     if not confirm(plan.describe()):
         return False
     if plan.torch and not install_torch(plan.torch):
-        raise DependencyError(
-            "PyTorch was not installed; install it in the PyTorch Utils module (PyTorch extension)"
-        )
+        raise DependencyError("PyTorch was not installed; install it in the PyTorch Utils module (PyTorch extension)")
     if plan.pip:
         for key, value in PIP_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
@@ -178,3 +174,40 @@ def ensure_dependencies(
     if remaining.needed:
         raise DependencyError("still missing after installation: " + "; ".join(remaining.reasons))
     return True
+
+
+# A client-only install for a panel that uses an inference server: numpy and the remote client (in the
+# medsam2 package shipped with the module), no torch, no sam2.
+REMOTE_REQUIREMENTS_FILE = REQUIREMENTS_FILE.with_name("requirements-remote.txt")
+
+
+def requirements_for(engine_location: str) -> list[Requirement]:
+    """What the panel needs for "local" (the whole engine) or "remote" (the client only)."""
+    return read_requirements(REMOTE_REQUIREMENTS_FILE if engine_location == "remote" else REQUIREMENTS_FILE)
+
+
+def self_test_skip_reason(module_present: Callable[[str], bool] = _module_present) -> Optional[str]:
+    """Why the module's self-test cannot run here (None when it can). It needs the in-process engine:
+    Slicer's ctest runner calls the test method by name, so the method itself must ask this."""
+    missing = [name for name in ("torch", "sam2") if not module_present(name)]
+    if missing:
+        return f"MedSAM2 self-test skipped: {' and '.join(missing)} not installed (install them from the module panel)"
+    return None
+
+
+def install_torch_with_pytorch_extension(requirements: Sequence[Requirement]) -> bool:
+    """torch through Slicer's PyTorch extension (declared as this extension's dependency), which picks
+    the build for the machine's GPU. Inside Slicer only."""
+    try:
+        import PyTorchUtils  # type: ignore[import-not-found]
+    except ImportError:
+        raise DependencyError(
+            "the PyTorch extension is missing: install 'PyTorch' (Extensions Manager), restart Slicer"
+        ) from None
+    specs = {r.name: r.specifier or None for r in requirements}
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=False,
+        torchVersionRequirement=specs.get("torch"),
+        torchvisionVersionRequirement=specs.get("torchvision"),
+    )
+    return torch is not None

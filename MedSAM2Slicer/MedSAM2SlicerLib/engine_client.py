@@ -48,12 +48,8 @@ class PromptBundle:
     """One object's prompts, in continuous voxel indices (i, j, k) of the session's volume."""
 
     points_ijk: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (N, 3)
-    labels: np.ndarray = field(
-        default_factory=lambda: np.zeros((0,), dtype=int)
-    )  # (N,) 1 positive, 0 negative
-    boxes: list[tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=list
-    )  # opposite corners, one per slice
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=int))  # (N,) 1 positive, 0 negative
+    boxes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # opposite corners, one per slice
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # slice index -> 2D mask as cut from [k, j, i]
 
     def is_empty(self) -> bool:
@@ -300,9 +296,7 @@ class RemoteEngineClient(SessionEngineClient):
         from medsam2.errors import InvalidPromptError
 
         if not url.strip():
-            raise InvalidPromptError(
-                "no server URL; enter the inference server's address (e.g. https://host:8765)"
-            )
+            raise InvalidPromptError("no server URL; enter the inference server's address (e.g. https://host:8765)")
         if not token.strip():
             raise InvalidPromptError("no server token; enter the access token of the inference server")
         self.url, self._token = url.strip(), token.strip()

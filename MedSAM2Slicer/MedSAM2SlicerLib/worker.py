@@ -161,9 +161,7 @@ class BackgroundWorker:
         self.progress, self.error, self.result = (0, 0), None, None
         self._set_state(WorkerState.PREPARING)
         context = JobContext(self._events, self._cancel)
-        self._thread = threading.Thread(
-            target=self._run, args=(job, context), name="MedSAM2 worker", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, args=(job, context), name="MedSAM2 worker", daemon=True)
         self._thread.start()
 
     def _run(self, job: Job, context: JobContext) -> None:
