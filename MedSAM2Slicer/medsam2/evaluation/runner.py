@@ -45,7 +45,10 @@ from ..predictor import EngineVideoPredictor
 from ..session import DIRECTIONS, SegmentationSession
 from .datasets import CaseRecord, EvaluationDataset, LabelSpec, LoadedCase
 from .files import read_csv, safe_name, write_atomic, write_csv_atomic, write_text_atomic
-from .metrics import compute_metrics, slice_overlap
+from .columns import METRIC_COLUMNS, metric_columns
+from .cvpr25 import EXTRA_FIELDS as CVPR25_FIELDS
+from .cvpr25 import Cvpr25Protocol
+from .metrics import slice_overlap
 from .protocols import (
     PromptProtocol,
     SlicePrompt,
@@ -57,7 +60,7 @@ from .protocols import (
 )
 
 CASE_FIELDS = (
-    "case", "label", "values", "round", "status", "dice", "iou", "nsd", "hd95", "gt_voxels", "pred_voxels",
+    "case", "label", "values", "round", "status", *METRIC_COLUMNS, "gt_voxels", "pred_voxels",
     "per_slice_dice", "prompted_slices", "prompt", "seconds",
 )  # fmt: skip
 SLICE_FIELDS = (
@@ -85,6 +88,7 @@ class EvaluationSettings:
     tolerance_mm: float = 1.0
     memory_budget_bytes: Optional[int] = None
     save_predictions: bool = False
+    cvpr25: Optional[Cvpr25Protocol] = None  # the CVPR 2025 interactive protocol instead of ``protocol``
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -103,12 +107,20 @@ class EvaluationSettings:
             raise InvalidPromptError(
                 "the Medical-SAM2 per-slice protocol has no interaction rounds; use --rounds 0"
             )
+        if self.cvpr25 is not None and (self.protocol.per_slice or self.protocol.rounds):
+            raise InvalidPromptError("the CVPR 2025 protocol sets its own prompts; drop the other protocol options")
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("memory_budget_bytes")  # changes nothing in the results; free to differ on resume
         out.pop("save_predictions")
+        if out["cvpr25"] is None:
+            out.pop("cvpr25")  # results folders written before the protocol existed stay resumable
         return out
+
+
+def case_fields(settings: EvaluationSettings) -> tuple[str, ...]:
+    return CASE_FIELDS + (CVPR25_FIELDS if settings.cvpr25 is not None else ())
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,10 @@ def evaluate_label(
     settings: EvaluationSettings,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Optional[np.ndarray]]:
     """All rounds for one structure of one case; the session is reset first (its features stay)."""
+    if settings.cvpr25 is not None:
+        from . import cvpr25
+
+        return cvpr25.evaluate_label(session, case, spec, settings)
     gt = spec.mask(case.label)
     base = {"case": case.case_id, "label": spec.name, "values": " ".join(map(str, spec.values))}
     if not gt.any():
@@ -231,19 +247,14 @@ def evaluate_label(
             )
             prediction = result.masks[OBJECT_ID].copy()
         scored = _restrict(prediction, axis, slice_range)
-        metrics = compute_metrics(scored, gt_scored, case.geometry.spacing, settings.tolerance_mm)
+        metrics = metric_columns(scored, gt_scored, case.geometry.spacing, settings.tolerance_mm)
         overlap = slice_overlap(scored, gt_scored, axis)
         rows.append(
             {
                 **base,
                 "round": round_index,
                 "status": "ok",
-                "dice": metrics.dice,
-                "iou": metrics.iou,
-                "nsd": metrics.nsd,
-                "hd95": metrics.hd95,
-                "gt_voxels": metrics.gt_voxels,
-                "pred_voxels": metrics.pred_voxels,
+                **metrics,
                 "per_slice_dice": float(np.mean(overlap.dice(empty_value=1.0)))
                 if protocol.per_slice
                 else None,
@@ -375,6 +386,7 @@ def evaluate_dataset(
     settings: Optional[EvaluationSettings] = None,
     *,
     model: str = "",
+    weights_random: bool = False,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     limit: Optional[int] = None,
@@ -383,7 +395,8 @@ def evaluate_dataset(
 ) -> EvaluationRun:
     """Evaluate this process's share of the cases, skipping finished ones; rank 0 writes the report.
 
-    ``model`` describes the weights (name, checkpoint) for run.json and the summary. ``rank`` and
+    ``model`` describes the weights (name, checkpoint) for run.json and the summary; ``weights_random``
+    says they are random (a test model), which the summary's first line then says. ``rank`` and
     ``world_size`` default to torchrun's environment variables; ``limit`` takes the first cases only.
     """
     from .report import write_report
@@ -408,6 +421,8 @@ def evaluate_dataset(
         "settings": settings.as_json(),
         "model": model,
     }
+    if weights_random:
+        manifest["random_weights"] = True
     _check_manifest(out, manifest)
 
     run = EvaluationRun(info.rank, info.world_size)
@@ -428,7 +443,7 @@ def evaluate_dataset(
         if settings.save_predictions and result.predictions and result.geometry is not None:
             _save_predictions(out, record.case_id, result.predictions, result.geometry)
         write_csv_atomic(slices_csv(out, record.case_id), result.slice_rows, SLICE_FIELDS)
-        write_csv_atomic(case_csv(out, record.case_id), result.rows, CASE_FIELDS)  # last: marks it finished
+        write_csv_atomic(case_csv(out, record.case_id), result.rows, case_fields(settings))  # last: marks it finished
         error_file(out, record.case_id).unlink(missing_ok=True)
         run.evaluated.append(record.case_id)
         finals = {r["label"]: r.get("dice") for r in result.rows}
@@ -438,5 +453,5 @@ def evaluate_dataset(
     if info.launched:
         _barrier(info, barrier_timeout_s)
     if info.rank == 0:
-        run.report = write_report(out, dataset, cases, settings, model=model)
+        run.report = write_report(out, dataset, cases, settings, model=model, weights_random=weights_random)
     return run
