@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 
 from ..errors import MedSAM2Error, ModelError
 from ..predictor import EngineVideoPredictor
-from .datasets import LAYOUTS
 from .cvpr25 import NO_BOX_PATTERN, TOLERANCE_MM, Cvpr25Protocol
+from .datasets import LAYOUTS
 from .protocols import PROMPT_KINDS, SLICE_CHOICES, PromptProtocol
 from .runner import EvaluationSettings, evaluate_dataset, rank_info
 

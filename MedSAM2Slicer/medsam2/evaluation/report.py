@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
+from .columns import COLUMN_TITLES, METRIC_COLUMNS, is_distance
 from .datasets import CaseRecord, EvaluationDataset
 from .files import read_csv, write_atomic, write_csv_atomic, write_text_atomic
-from .columns import COLUMN_TITLES, METRIC_COLUMNS, is_distance
 
 if TYPE_CHECKING:
     from .runner import EvaluationSettings
@@ -215,7 +215,8 @@ def markdown_summary(
         from .references import published_means
 
         for source, mean in published_means(settings):
-            lines.append(f"| {source} (published; same protocol, not the same data) | " + "- | " * len(names) + f"{mean:.3f} |")
+            blanks = "- | " * len(names)
+            lines.append(f"| {source} (published; same protocol, not the same data) | {blanks}{mean:.3f} |")
 
     rounds = round_table(results.rows)
     max_round = max((max(r) for r in rounds.values() if r), default=0)
@@ -235,10 +236,7 @@ def markdown_summary(
     if settings.cvpr25 is not None:
         from .cvpr25_report import cvpr25_section
 
-        click_plot = next((p for p in plots if p.name == "cvpr25_dice_per_click.png"), None)
-        lines.append(
-            cvpr25_section(results.rows, click_plot, out_dir or Path("."), settings.cvpr25.clicks, tol)
-        )
+        lines.append(cvpr25_section(results.rows, settings.cvpr25.clicks, tol))
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:

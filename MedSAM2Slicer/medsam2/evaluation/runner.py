@@ -43,11 +43,11 @@ from ..errors import InvalidPromptError, MedSAM2Error
 from ..geometry import VolumeGeometry
 from ..predictor import EngineVideoPredictor
 from ..session import DIRECTIONS, SegmentationSession
-from .datasets import CaseRecord, EvaluationDataset, LabelSpec, LoadedCase
-from .files import read_csv, safe_name, write_atomic, write_csv_atomic, write_text_atomic
 from .columns import METRIC_COLUMNS, metric_columns
 from .cvpr25 import EXTRA_FIELDS as CVPR25_FIELDS
 from .cvpr25 import Cvpr25Protocol
+from .datasets import CaseRecord, EvaluationDataset, LabelSpec, LoadedCase
+from .files import read_csv, safe_name, write_atomic, write_csv_atomic, write_text_atomic
 from .metrics import slice_overlap
 from .protocols import (
     PromptProtocol,
@@ -414,7 +414,7 @@ def evaluate_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = dataset.cases[:limit] if limit else list(dataset.cases)
-    manifest = {
+    manifest: dict[str, Any] = {
         "dataset": str(dataset.root.resolve()),
         "layout": dataset.layout,
         "labels": [[s.name, list(s.values)] for s in dataset.labels] if dataset.labels is not None else "all",
