@@ -335,6 +335,7 @@ def _save_predictions(
 
 
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest = json.loads(json.dumps(manifest))  # as a reader sees it: tuples become lists
     path = out_dir / "run.json"
     if path.is_file():
         try:
