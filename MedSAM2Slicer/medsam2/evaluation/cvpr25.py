@@ -291,8 +291,9 @@ def evaluate_label(
         return np.asarray(result.masks[OBJECT_ID]).copy()
 
     for step in range(protocol.clicks + 1):
+        # The click is simulated before the clock starts: the challenge times only the model's run.
+        click = error_click(prediction, gt) if step > 0 else None
         started = time.perf_counter()
-        click: Optional[Click] = None
         if step == 0:
             if protocol.uses_box(spec.name):
                 box = challenge_box(gt, axis, case_rng(protocol.box_seed, case.case_id, spec.name))
@@ -304,7 +305,6 @@ def evaluate_label(
             else:
                 kind, what = "no box", "none (no box for this structure: scored 0, as the challenge does)"
         else:
-            click = error_click(prediction, gt)
             if click is None:
                 kind, what = "no error", "none (prediction is exact)"
             else:

@@ -17,6 +17,10 @@ from the label's first prompt (the first label of a case also pays for encoding 
 ``per_slice_dice`` is filled by the Medical-SAM2 protocol only. Metrics of that protocol are computed
 on its slice range; otherwise on the whole volume. Slice rows exist where the ground truth or the
 prediction is non-empty; ``offset`` is the signed distance in slices to the nearest prompted slice.
+Metric columns (``dice``, ``iou``, ``nsd_monai``, ``nsd_surface``, ``hd95_monai``, ``hd95_surface``)
+name the surface each uses: see :mod:`.columns`. With ``settings.cvpr25`` the rows are the CVPR 2025
+protocol's steps instead (round 0 the box, round r the r-th click) with its extra columns: see
+:mod:`.cvpr25`.
 
 Several GPUs
 ------------
