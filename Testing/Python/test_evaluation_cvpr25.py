@@ -98,6 +98,23 @@ def test_error_components_are_26_connected():
     assert click.voxel == expected
 
 
+def test_largest_error_component_is_the_one_connected_components_3d_picks():
+    """The challenge labels errors with connected-components-3d (26-connected) and takes the argmax of
+    the component sizes: on random errors, our component (hence the click) is the same."""
+    cc3d = pytest.importorskip("cc3d", reason="connected-components-3d (the challenge's labeller) is not installed")
+    rng = np.random.default_rng(42)
+    for _ in range(40):
+        shape = tuple(int(s) for s in rng.integers(4, 14, 3))
+        gt, pred = rng.random(shape) < 0.3, rng.random(shape) < 0.3
+        labels = cc3d.connected_components((pred != gt).astype(np.uint8), connectivity=26)
+        sizes = np.bincount(labels.flat)
+        sizes[0] = 0
+        largest = labels == np.argmax(sizes)
+        edt = C.component_edt(largest) * largest
+        expected = C.sample_coord(edt if edt.any() else largest.astype(float))
+        assert C.error_click(pred, gt) == C.Click(expected, bool(gt[expected]))
+
+
 def test_image_edge_counts_as_the_error_boundary():
     gt = cube((10, 10, 10), (0, 3), (0, 3), (0, 3))  # in the image's corner
     click = C.error_click(np.zeros_like(gt), gt)

@@ -14,17 +14,18 @@ vessels"): step 0 then scores DSC = NSD = 0 and predicts nothing, as the challen
 For SAM2: the box on slice ``z_mid``, propagated both ways with ``z_min..z_max`` as the limits.
 
 Steps 1-5, the clicks. The error is every voxel where prediction and ground truth differ; its largest
-26-connected component (the first in raster order among equal sizes, as connected-components-3d
-numbers them) gets one click at the voxel with the largest Euclidean distance transform (in voxels,
-not mm) inside the component, computed on the component's bounding box padded by 25 % of its size
-(at least one voxel) with zeros, so the component's own edge and the image's edge both count as
-boundary. Regions above 60 M voxels are downsampled 2x (block maximum) for the transform and upsampled
-back by repetition, as the challenge does. Ties are broken by ``np.random.seed(42)`` then
-``np.random.choice`` over the tied voxels in ``np.argwhere`` order (a fresh ``RandomState(42)`` here,
-the same draw). A voxel in the ground truth gives a positive (foreground) click, one outside it a
-negative (background) click. A perfect prediction gets no click and is kept as it is. For SAM2: the
-click on the slice it falls in, added to that slice's earlier prompts, then the whole object is
-propagated again (within the box's slice range, or the whole volume where there is no box).
+26-connected component (the first in raster order among equal sizes: scipy's labels are the same as
+connected-components-3d's, which the tests check) gets one click at the voxel with the largest Euclidean
+distance transform (in voxels, not mm) inside the component, computed on the component's bounding box
+padded by 25 % of its size (at least one voxel) with zeros, so the component's own edge and the image's
+edge both count as boundary. Regions above 60 M voxels are downsampled 2x (block maximum) for the
+transform and upsampled back by repetition, as the challenge does. Ties are broken by
+``np.random.seed(42)`` then ``np.random.choice`` over the tied voxels in ``np.argwhere`` order (a fresh
+``RandomState(42)`` here, the same draw). A voxel in the ground truth gives a positive (foreground)
+click, one outside it a negative (background) click. A perfect prediction gets no click and is kept as
+it is. For SAM2: the click on the slice it falls in, added to that slice's earlier prompts, then the
+whole object is propagated again (within the box's slice range, or the whole volume where there is no
+box).
 
 Scores. DSC and NSD (DeepMind surface Dice, ``nsd_surface``) at 2 mm after every step; NSD is set to
 0 where DSC <= 0.2. DSC AUC and NSD AUC are ``scipy.integrate.cumulative_trapezoid`` over the five
