@@ -115,6 +115,18 @@ def test_largest_error_component_is_the_one_connected_components_3d_picks():
         assert C.error_click(pred, gt) == C.Click(expected, bool(gt[expected]))
 
 
+def test_large_error_regions_use_the_challenges_2x_downsampled_transform(monkeypatch):
+    block = cube((20, 20, 20), (4, 12), (4, 12), (4, 12))  # 8^3, padded by 2 -> a 12^3 region
+    full = C.component_edt(block)
+    assert full.max() == 4.0 and np.count_nonzero(full == 4.0) == 8  # the 2x2x2 centre
+    monkeypatch.setattr(C, "EDT_DOWNSAMPLE_VOXELS", 12**3 - 1)
+    coarse = C.component_edt(block)
+    # Block maxima give a 6^3 region whose middle 4^3 cells are the block; their transform (2 at the
+    # inner 2^3 cells, in coarse voxels as the challenge leaves it) repeated 2x back: 4^3 voxels of 2.
+    assert coarse.max() == 2.0 and np.argwhere(coarse == 2.0).min(axis=0).tolist() == [6, 6, 6]
+    assert np.count_nonzero(coarse == 2.0) == 64 and not coarse[~block].any()
+
+
 def test_image_edge_counts_as_the_error_boundary():
     gt = cube((10, 10, 10), (0, 3), (0, 3), (0, 3))  # in the image's corner
     click = C.error_click(np.zeros_like(gt), gt)
