@@ -425,6 +425,8 @@ def evaluate_dataset(
         "labels": [[s.name, list(s.values)] for s in dataset.labels] if dataset.labels is not None else "all",
         "settings": settings.as_json(),
         "model": model,
+        # Case files of an older layout (before the columns named their surface) cannot be merged.
+        "metric_columns": list(METRIC_COLUMNS),
     }
     if weights_random:
         manifest["random_weights"] = True
