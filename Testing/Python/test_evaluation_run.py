@@ -24,7 +24,9 @@ from medsam2.errors import InvalidPromptError, InvalidVolumeError, MedSAM2Error
 from medsam2.evaluation import EvaluationSettings, PromptProtocol, evaluate_dataset, open_dataset
 from medsam2.evaluation import protocols as P
 from medsam2.evaluation import runner as R
+from medsam2.evaluation.columns import METRIC_COLUMNS, metric_columns
 from medsam2.evaluation.metrics import compute_metrics, slice_overlap
+from medsam2.evaluation.surface_dice import surface_metrics
 from medsam2.io.tables import read_csv
 
 N_SLICES = 12  # slices per test volume: encoding them is most of the run time
@@ -333,6 +335,9 @@ class ShiftedCubeSession:
 
 
 def test_known_prediction_gives_exact_metrics_in_csv_and_table(tmp_path, monkeypatch):
+    cube = np.zeros((10, 10, 10), bool)
+    cube[2:6, 2:6, 2:6] = True
+    cube_up = np.roll(cube, 1, axis=0)
     for case in ("c1", "c2"):
         label = np.zeros((10, 10, 10), np.uint8)
         label[2:6, 2:6, 2:6] = 1
@@ -355,8 +360,10 @@ def test_known_prediction_gives_exact_metrics_in_csv_and_table(tmp_path, monkeyp
     rows = read_csv(tmp_path / "out" / "metrics.csv")
     assert len(rows) == 4  # 2 cases x rounds 0 and 1
     for row in rows:  # GT cube [2:6]^3, prediction one slice (2 mm) higher: see the metrics tests
-        assert (float(row["dice"]), float(row["iou"]), float(row["hd95"])) == (0.75, 0.6, 2.0)
-        assert float(row["nsd"]) == 80 / 112
+        assert (float(row["dice"]), float(row["iou"]), float(row["hd95_monai"])) == (0.75, 0.6, 2.0)
+        assert float(row["nsd_monai"]) == 80 / 112
+        surface = surface_metrics(cube_up, cube, (1.0, 1.0, 2.0), 1.0)  # checked against surface-distance
+        assert (float(row["nsd_surface"]), float(row["hd95_surface"])) == (surface.nsd_surface, surface.hd95_surface)
         assert (row["gt_voxels"], row["pred_voxels"], row["prompted_slices"]) == ("64", "64", "3")
     # Prompt: the GT mask on the middle slice (extent 2..5 -> 3). Correction: slices 2 (16 missed) and
     # 6 (16 leaked) tie, the lower wins; the click is at the missed square's centre, voxel (i3, j3, k2).
@@ -372,7 +379,11 @@ def test_known_prediction_gives_exact_metrics_in_csv_and_table(tmp_path, monkeyp
         ("2", "-1", 0.0), ("3", "0", 1.0), ("4", "1", 1.0), ("5", "2", 1.0), ("6", "3", 0.0)
     ]  # fmt: skip
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| 1 | 2 | 0.750 ± 0.000 | 0.600 ± 0.000 | 0.714 ± 0.000 | 2.00 ± 0.00 |" in summary
+    s = surface_metrics(cube_up, cube, (1.0, 1.0, 2.0), 1.0)
+    assert (
+        f"| 1 | 2 | 0.750 ± 0.000 | 0.600 ± 0.000 | 0.714 ± 0.000 | {s.nsd_surface:.3f} ± 0.000 | 2.00 ± 0.00 "
+        f"| {s.hd95_surface:.2f} ± 0.00 |"
+    ) in summary
     assert "| 1 | 0.750 ± 0.000 | 0.750 ± 0.000 |" in summary  # Dice per round
 
 
@@ -397,11 +408,11 @@ def test_ranks_split_the_cases_and_rank_zero_merges(sharded_run):
     assert len(rows) == 3 * 2 * 2  # cases x labels x rounds (0 and 1)
     assert {r["status"] for r in rows} == {"ok"}
     summary = report.summary_md.read_text()
-    assert "Cases: 3 of 3 evaluated" in summary and "Model: tiny random" in summary
+    assert "Cases: 3 of 3 evaluated" in summary and "Model weights: tiny random" in summary
     for name in ("metrics.csv", "per_slice.csv", "summary.md", "run.json"):
         assert (sharded_run.out / name).is_file()
-    assert {p.name for p in report.plots} == {
-        "box_dice.png", "box_iou.png", "box_nsd.png", "box_hd95.png", "slice_dice.png", "rounds_dice.png"
+    assert {p.name for p in report.plots} == {f"box_{m}.png" for m in METRIC_COLUMNS} | {
+        "slice_dice.png", "rounds_dice.png"
     }  # fmt: skip
     for plot in report.plots:
         data = plot.read_bytes()
@@ -428,10 +439,8 @@ def test_csv_metrics_are_exact_for_the_saved_predictions(sharded_run):
         prediction, geometry = read_image(saved, as_label=True)
         assert geometry == case.geometry  # written on the image's grid
         gt = spec.mask(case.label)
-        m = compute_metrics(prediction, gt, case.geometry.spacing, tolerance_mm=2.0)
-        assert (float(row["dice"]), float(row["iou"]), float(row["nsd"]), float(row["hd95"])) == (
-            m.dice, m.iou, m.nsd, m.hd95
-        )  # fmt: skip
+        m = metric_columns(prediction, gt, case.geometry.spacing, tolerance_mm=2.0)
+        assert [float(row[c]) for c in METRIC_COLUMNS] == [m[c] for c in METRIC_COLUMNS]
         assert int(row["gt_voxels"]) == int(gt.sum()) and int(row["pred_voxels"]) == int(prediction.sum())
         # the per-slice rows of the final round count the same voxels
         per_slice = [
@@ -454,10 +463,10 @@ def test_summary_table_is_the_mean_and_std_of_the_csv(sharded_run):
     summary = (sharded_run.out / "summary.md").read_text()
     for label in ("grey matter", "white matter"):
         values = {
-            m: [float(r[m]) for r in rows if r["label"] == label] for m in ("dice", "iou", "nsd", "hd95")
+            m: [float(r[m]) for r in rows if r["label"] == label] for m in METRIC_COLUMNS
         }
-        cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" for m, v in values.items() if m != "hd95"]
-        cells.append(f"{np.mean(values['hd95']):.2f} ± {np.std(values['hd95']):.2f}")
+        digits = {m: 2 if m.startswith("hd95") else 3 for m in values}
+        cells = [f"{np.mean(v):.{digits[m]}f} ± {np.std(v):.{digits[m]}f}" for m, v in values.items()]
         assert f"| {label} | 3 | " + " | ".join(cells) + " |" in summary
     paper_row = re.search(r"\| tiny random \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", summary)
     gm, wm = (
@@ -525,7 +534,11 @@ def test_cli_medical_sam2_protocol_scores_the_first_quarter_per_slice(mni_msd, p
     overlap = slice_overlap(prediction[:3], gt[:3], 0)
     assert float(row["per_slice_dice"]) == float(np.mean(overlap.dice(empty_value=1.0)))
     assert float(row["dice"]) == compute_metrics(prediction[:3], gt[:3], case.geometry.spacing).dice
-    assert "Per-slice Dice" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| Per-slice Dice | Per-slice − volumetric |" in summary
+    gap = float(row["per_slice_dice"]) - float(row["dice"])  # one case: the mean is the case
+    assert f"± 0.000 | {gap:.3f} |" in summary
+    assert "Medical-SAM2 paper (BTCV, 13 organs, per-slice Dice) (published; same protocol" in summary
 
 
 @pytest.mark.parametrize(

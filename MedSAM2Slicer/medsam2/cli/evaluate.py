@@ -1,8 +1,8 @@
 """``medsam2 evaluate DATASET --model NAME --out DIR``: the seed papers' protocols on any labelled dataset.
 
-Several GPUs: ``torchrun --nproc_per_node 4 -m medsam2.cli.evaluate DATASET ...`` (or the
-``medsam2`` entry point under torchrun): each process takes every 4th case on its own GPU, rank 0
-merges. Re-running with the same output folder resumes: finished cases are skipped. Exit codes are
+Several GPUs: ``torchrun --nproc-per-node 4 -m medsam2 evaluate DATASET ...``: each process takes
+every 4th case on its own GPU (or CPU threads), rank 0 merges; the tables are the same as one process
+gives. Re-running with the same output folder resumes: finished cases are skipped. Exit codes are
 every command's (2 bad input, 3 model unavailable), and 1 when some cases failed (the summary
 lists them).
 """
@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 from medsam2.cli.common import Handler, add_command, add_dataset_options, add_model_options, load_model_for
 from medsam2.distributed import rank_info
 from medsam2.errors import MedSAM2Error
+from medsam2.evaluation.cvpr25_protocol import NO_BOX_PATTERN, TOLERANCE_MM, Cvpr25Protocol
 from medsam2.evaluation.protocols import PROMPT_KINDS, SLICE_CHOICES, PromptProtocol
 from medsam2.evaluation.runner import evaluate_dataset
 from medsam2.evaluation.settings import EvaluationSettings
@@ -40,10 +41,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     prompt = p.add_argument_group("prompt protocol")
     prompt.add_argument(
         "--protocol",
-        choices=("standard", "medical-sam2"),
+        choices=("standard", "medical-sam2", "cvpr25"),
         default="standard",
-        help="medical-sam2: Medical-SAM2's per-slice protocol (box every 2nd slice, first quarter)",
+        help="medical-sam2: Medical-SAM2's per-slice protocol (box every 2nd slice, first quarter); "
+        "cvpr25: the CVPR 2025 interactive 3D challenge's box + 5 clicks (NSD at 2 mm by default)",
     )
+    prompt.add_argument(
+        "--no-box-label", action="append", dest="no_box_labels", metavar="LABEL",
+        help=f"cvpr25: evaluate this structure without the box step (repeatable; names matching "
+        f"/{NO_BOX_PATTERN}/ never get one)",
+    )  # fmt: skip
     prompt.add_argument(
         "--slice-choice", choices=SLICE_CHOICES, default="middle", help="which slice gets the prompt"
     )
@@ -63,7 +70,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     prop.add_argument(
         "--stop-when-absent", type=int, help="end a direction after K slices without the object"
     )
-    prop.add_argument("--tolerance-mm", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    prop.add_argument(
+        "--tolerance-mm", type=float, help="NSD tolerance in mm (default 1; 2 with --protocol cvpr25)"
+    )
     prop.add_argument(
         "--save-predictions", action="store_true", help="also write the predicted masks (.nii.gz)"
     )
@@ -91,6 +100,13 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     budget = args.memory_budget_gb
     if budget is not None and not budget > 0:
         raise MedSAM2Error(f"--memory-budget-gb must be positive, got {budget}")
+    cvpr25 = None
+    tolerance = args.tolerance_mm if args.tolerance_mm is not None else 1.0
+    if args.protocol == "cvpr25":
+        cvpr25 = Cvpr25Protocol(no_box_labels=tuple(args.no_box_labels or ()))
+        tolerance = args.tolerance_mm if args.tolerance_mm is not None else TOLERANCE_MM
+    elif args.no_box_labels:
+        raise MedSAM2Error("--no-box-label belongs to --protocol cvpr25")
     if args.intensity is not None:
         from medsam2.intensity import parse_intensity
 
@@ -101,9 +117,10 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         stop_when_absent=args.stop_when_absent,
         axis=args.axis,
         intensity=args.intensity,
-        tolerance_mm=args.tolerance_mm,
+        tolerance_mm=tolerance,
         memory_budget_bytes=int(budget * 2**30) if budget is not None else None,
         save_predictions=args.save_predictions,
+        cvpr25=cvpr25,
     )
 
 
@@ -130,6 +147,20 @@ def _load_predictor(args: argparse.Namespace, local_rank: int, world_size: int) 
     return predictor
 
 
+def _marked_random(args: argparse.Namespace) -> bool:
+    """A checkpoint saved with ``"random_weights": True`` beside its state dict (as the tests' random
+    models are) says so in the summary's first line."""
+    if not args.checkpoint:
+        return False
+    from medsam2.models.checkpoints import torch_load_weights_only
+
+    try:
+        obj = torch_load_weights_only(args.checkpoint)
+    except MedSAM2Error:
+        return False  # the model loader reports the file's problem in its own words
+    return isinstance(obj, dict) and obj.get("random_weights") is True
+
+
 def run_evaluate(args: argparse.Namespace, predictor: Optional[EngineVideoPredictor] = None) -> int:
     """Run from parsed arguments; ``predictor`` skips model loading (tests, notebooks). Errors are
     raised (the command line prints them in one line); returns 0 done, 1 some cases failed."""
@@ -142,6 +173,7 @@ def run_evaluate(args: argparse.Namespace, predictor: Optional[EngineVideoPredic
     channel: Any = int(args.channel) if args.channel is not None and args.channel.isdigit() else args.channel
     dataset = open_dataset(args.dataset, layout=args.layout, labels=args.labels, channel=channel)
     model = _model_description(args) or "random-weight test model"
+    weights_random = not _model_description(args) or _marked_random(args)
     if predictor is None:
         predictor = _load_predictor(args, info.local_rank, info.world_size)
 
@@ -150,7 +182,10 @@ def run_evaluate(args: argparse.Namespace, predictor: Optional[EngineVideoPredic
             prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
             print(prefix + message, file=sys.stderr, flush=True)
 
-    run = evaluate_dataset(dataset, predictor, args.out, settings, model=model, limit=args.limit, log=log)
+    run = evaluate_dataset(
+        dataset, predictor, args.out, settings, model=model, weights_random=weights_random,
+        limit=args.limit, log=log,
+    )  # fmt: skip
     if run.report is not None:
         print(f"summary: {run.report.summary_md}")
         if not args.quiet:

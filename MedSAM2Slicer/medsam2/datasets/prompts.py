@@ -80,7 +80,7 @@ def bounding_box(mask2d: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
 
 
-def _widen(lo: int, hi: int, size: int) -> tuple[int, int]:
+def widen(lo: int, hi: int, size: int) -> tuple[int, int]:
     if hi > lo:
         return lo, hi
     if size < 2:
@@ -97,8 +97,8 @@ def box_prompt(mask2d: np.ndarray, jitter: int, rng: np.random.Generator) -> tup
     rows, cols = mask2d.shape
     r0, r1 = sorted((int(np.clip(r0, 0, rows - 1)), int(np.clip(r1, 0, rows - 1))))
     c0, c1 = sorted((int(np.clip(c0, 0, cols - 1)), int(np.clip(c1, 0, cols - 1))))
-    r0, r1 = _widen(r0, r1, rows)
-    c0, c1 = _widen(c0, c1, cols)
+    r0, r1 = widen(r0, r1, rows)
+    c0, c1 = widen(c0, c1, cols)
     return r0, c0, r1, c1
 
 

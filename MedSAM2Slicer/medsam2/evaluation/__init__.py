@@ -7,7 +7,9 @@ the volume) and metrics (Dice, IoU, NSD, HD95 in mm) on any labelled dataset.
     run = evaluate_dataset(dataset, predictor, "results/spleen-box", settings, model="MedSAM2_latest")
     print(run.report.summary_md.read_text())
 
-Modules: metrics (numpy/scipy only), datasets, protocols, runner, report, cli_evaluate.
+Modules: metrics (numpy/scipy only), surface_dice (DeepMind's surfel NSD), columns, datasets,
+protocols, cvpr25 (the CVPR 2025 interactive protocol) and cvpr25_report, references, runner, report,
+cli_evaluate.
 """
 
 from medsam2.datasets.layouts import EvaluationDataset, LabelSpec, open_dataset

@@ -52,7 +52,7 @@ class SegmentationMetrics:
         return asdict(self)
 
 
-def _as_bool_pair(prediction: np.ndarray, ground_truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def as_bool_pair(prediction: np.ndarray, ground_truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(prediction) != 0
     gt = np.asarray(ground_truth) != 0
     if pred.shape != gt.shape:
@@ -62,7 +62,7 @@ def _as_bool_pair(prediction: np.ndarray, ground_truth: np.ndarray) -> tuple[np.
     return pred, gt
 
 
-def _array_spacing(spacing: Optional[Sequence[float]], ndim: int) -> np.ndarray:
+def array_spacing(spacing: Optional[Sequence[float]], ndim: int) -> np.ndarray:
     """ITK-order spacing (fastest axis first) -> per array axis."""
     if spacing is None:
         return np.ones(ndim)
@@ -76,7 +76,7 @@ def _array_spacing(spacing: Optional[Sequence[float]], ndim: int) -> np.ndarray:
 
 def dice(prediction: np.ndarray, ground_truth: np.ndarray) -> float:
     """2|P & G| / (|P| + |G|); 1 when both are empty."""
-    pred, gt = _as_bool_pair(prediction, ground_truth)
+    pred, gt = as_bool_pair(prediction, ground_truth)
     total = int(pred.sum()) + int(gt.sum())
     if total == 0:
         return 1.0
@@ -85,7 +85,7 @@ def dice(prediction: np.ndarray, ground_truth: np.ndarray) -> float:
 
 def iou(prediction: np.ndarray, ground_truth: np.ndarray) -> float:
     """|P & G| / |P | G|; 1 when both are empty."""
-    pred, gt = _as_bool_pair(prediction, ground_truth)
+    pred, gt = as_bool_pair(prediction, ground_truth)
     union = int(np.logical_or(pred, gt).sum())
     if union == 0:
         return 1.0
@@ -127,10 +127,10 @@ def surface_distances(
 
     Both masks must be non-empty (the empty cases are defined by the callers, see the module notes).
     """
-    pred, gt = _as_bool_pair(prediction, ground_truth)
+    pred, gt = as_bool_pair(prediction, ground_truth)
     if not pred.any() or not gt.any():
         raise InvalidVolumeError("surface distances need two non-empty masks")
-    sampling = _array_spacing(spacing, pred.ndim)
+    sampling = array_spacing(spacing, pred.ndim)
     pred, gt = _crop_to_union(pred, gt)
     pred_surface, gt_surface = surface_voxels(pred), surface_voxels(gt)
     # distance_transform_edt gives, for every voxel, the distance to the nearest zero: zeros placed on
@@ -142,7 +142,7 @@ def surface_distances(
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Optional[Sequence[float]] = None) -> float:
     """Length of the image's diagonal in mm: the distance reported for a missed or phantom object."""
-    sampling = _array_spacing(spacing, len(shape))
+    sampling = array_spacing(spacing, len(shape))
     return float(np.sqrt(np.sum((np.asarray(shape, dtype=float) * sampling) ** 2)))
 
 
@@ -153,8 +153,8 @@ def hausdorff_distance(
     percentile: float = 95.0,
 ) -> float:
     """Symmetric percentile Hausdorff distance in mm (HD95 by default); see the module notes for empties."""
-    pred, gt = _as_bool_pair(prediction, ground_truth)
-    _array_spacing(spacing, pred.ndim)  # a bad spacing is an error even where no distance is needed
+    pred, gt = as_bool_pair(prediction, ground_truth)
+    array_spacing(spacing, pred.ndim)  # a bad spacing is an error even where no distance is needed
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
         return 0.0
@@ -173,8 +173,8 @@ def normalized_surface_dice(
     """NSD: share of both surfaces within ``tolerance_mm`` of the other; see the module notes for empties."""
     if not tolerance_mm >= 0:
         raise InvalidVolumeError(f"NSD tolerance must be a non-negative number of mm, got {tolerance_mm}")
-    pred, gt = _as_bool_pair(prediction, ground_truth)
-    _array_spacing(spacing, pred.ndim)
+    pred, gt = as_bool_pair(prediction, ground_truth)
+    array_spacing(spacing, pred.ndim)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
         return 1.0
@@ -194,8 +194,8 @@ def compute_metrics(
     """All four metrics, sharing one pair of distance transforms."""
     if not tolerance_mm >= 0:
         raise InvalidVolumeError(f"NSD tolerance must be a non-negative number of mm, got {tolerance_mm}")
-    pred, gt = _as_bool_pair(prediction, ground_truth)
-    _array_spacing(spacing, pred.ndim)
+    pred, gt = as_bool_pair(prediction, ground_truth)
+    array_spacing(spacing, pred.ndim)
     n_pred, n_gt = int(pred.sum()), int(gt.sum())
     if n_pred and n_gt:
         to_gt, to_pred = surface_distances(pred, gt, spacing)
@@ -236,7 +236,7 @@ class SliceOverlap:
 
 
 def slice_overlap(prediction: np.ndarray, ground_truth: np.ndarray, array_axis: int = 0) -> SliceOverlap:
-    pred, gt = _as_bool_pair(prediction, ground_truth)
+    pred, gt = as_bool_pair(prediction, ground_truth)
     if not 0 <= array_axis < pred.ndim:
         raise InvalidVolumeError(f"slice axis {array_axis} is not an axis of a {pred.ndim}D mask")
     other = tuple(a for a in range(pred.ndim) if a != array_axis)

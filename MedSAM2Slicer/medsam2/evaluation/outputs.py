@@ -17,16 +17,23 @@ from the label's first prompt (the first label of a case also pays for encoding 
 ``per_slice_dice`` is filled by the Medical-SAM2 protocol only. Metrics of that protocol are computed
 on its slice range; otherwise on the whole volume. Slice rows exist where the ground truth or the
 prediction is non-empty; ``offset`` is the signed distance in slices to the nearest prompted slice.
+Metric columns (``dice``, ``iou``, ``nsd_monai``, ``nsd_surface``, ``hd95_monai``, ``hd95_surface``)
+name the surface each uses: see :mod:`.columns`. With ``settings.cvpr25`` the rows are the CVPR 2025
+protocol's steps instead (round 0 the box, round r the r-th click) with its extra columns: see
+:mod:`.cvpr25`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from medsam2.evaluation.columns import METRIC_COLUMNS
+from medsam2.evaluation.cvpr25_protocol import EXTRA_FIELDS as CVPR25_FIELDS
+from medsam2.evaluation.settings import EvaluationSettings
 from medsam2.io.tables import read_csv, safe_name
 
 CASE_FIELDS = (
-    "case", "label", "values", "round", "status", "dice", "iou", "nsd", "hd95", "gt_voxels", "pred_voxels",
+    "case", "label", "values", "round", "status", *METRIC_COLUMNS, "gt_voxels", "pred_voxels",
     "per_slice_dice", "prompted_slices", "prompt", "seconds",
 )  # fmt: skip
 SLICE_FIELDS = (
@@ -40,6 +47,10 @@ SLICE_FIELDS = (
     "intersection",
     "dice",
 )
+
+
+def case_fields(settings: EvaluationSettings) -> tuple[str, ...]:
+    return CASE_FIELDS + (CVPR25_FIELDS if settings.cvpr25 is not None else ())
 
 
 def case_csv(out_dir: Path, case_id: str) -> Path:

@@ -23,20 +23,32 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from medsam2.datasets.layouts import CaseRecord, EvaluationDataset
-from medsam2.evaluation.metrics import METRIC_NAMES
-from medsam2.evaluation.outputs import CASE_FIELDS, SLICE_FIELDS, case_csv, case_finished, error_file, slices_csv
-from medsam2.io.atomic import write_atomic, write_text_atomic
+from medsam2.evaluation.columns import COLUMN_TITLES, METRIC_COLUMNS, is_distance
+from medsam2.evaluation.outputs import (
+    SLICE_FIELDS,
+    case_csv,
+    case_fields,
+    case_finished,
+    error_file,
+    slices_csv,
+)
+from medsam2.evaluation.plots import new_figure, save_figure
+from medsam2.io.atomic import write_text_atomic
 from medsam2.io.tables import read_csv, write_csv_atomic
 
 if TYPE_CHECKING:
     from medsam2.evaluation.settings import EvaluationSettings
 
-TITLES = {"dice": "Dice", "iou": "IoU", "nsd": "NSD", "hd95": "HD95 (mm)"}
+METRIC_NAMES = METRIC_COLUMNS
+TITLES = COLUMN_TITLES
+RANDOM_WEIGHTS_LINE = (
+    "**Random weights: these numbers mean nothing about any model; they only show that the pipeline runs.**"
+)
 
 
 @dataclass
@@ -123,7 +135,7 @@ def summarise(rows: list[dict[str, str]]) -> list[LabelSummary]:
 def _fmt(mean: float, std: Optional[float], metric: str) -> str:
     if np.isnan(mean):
         return "-"
-    digits = 2 if metric == "hd95" else 3
+    digits = 2 if is_distance(metric) else 3
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
@@ -143,14 +155,17 @@ def markdown_summary(
     model: str,
     plots: Sequence[Path] = (),
     out_dir: Optional[Path] = None,
+    weights_random: bool = False,
 ) -> str:
     summaries = summarise(results.rows)
     tol = settings.tolerance_mm
     per_slice = settings.protocol.per_slice
     total = len(results.finished) + len(results.missing) + len(results.failed)
-    lines = [f"# Evaluation: {dataset.name or dataset.root.name}", ""]
-    lines.append(f"- Model: {model or 'not named'}")
-    lines.append(f"- Prompt: {settings.protocol.describe()}")
+    lines = [RANDOM_WEIGHTS_LINE, ""] if weights_random else []
+    lines += [f"# Evaluation: {dataset.name or dataset.root.name}", ""]
+    lines.append(f"- Model weights: {model or 'not named'}")
+    protocol_text = settings.cvpr25.describe() if settings.cvpr25 is not None else settings.protocol.describe()
+    lines.append(f"- Prompt: {protocol_text}")
     prop = f"{'forward' if per_slice else settings.direction}"
     if settings.stop_when_absent:
         prop += f", stopping after {settings.stop_when_absent} slices without the object"
@@ -162,24 +177,32 @@ def markdown_summary(
     for case, why in results.failed.items():
         lines.append(f"- Failed: {case}: {why}")
     lines.append(
-        f"- Mean ± standard deviation over cases (final round). NSD at {tol:g} mm, HD95 in mm. A missed "
+        f"- Mean ± standard deviation over cases (final round). NSD at {tol:g} mm, HD95 in mm; _monai: "
+        "boundary voxels, distances between voxel centres (MONAI); _surface: surfels on the voxel-corner "
+        "grid, area-weighted (DeepMind surface-distance, as the CVPR 2025 challenge and FLARE). A missed "
         "object scores Dice, IoU and NSD 0 and HD95 the image diagonal; a label absent from a case's "
         "ground truth is not scored."
     )
     lines.append("")
-    header = ["Label", "Cases", "Dice", "IoU", f"NSD ({tol:g} mm)", "HD95 (mm)"]
+    header = ["Label", "Cases", "Dice", "IoU", f"nsd_monai ({tol:g} mm)", f"nsd_surface ({tol:g} mm)"]
+    header += ["hd95_monai (mm)", "hd95_surface (mm)"]
     if per_slice:
-        header.append("Per-slice Dice")
+        header += ["Per-slice Dice", "Per-slice − volumetric"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     metrics = list(METRIC_NAMES) + (["per_slice_dice"] if per_slice else [])
     for s in summaries:
         cells = [s.label, str(s.cases)] + [_fmt(s.mean(m), s.std(m), m) for m in metrics]
+        if per_slice:
+            cells.append(_fmt(s.mean("per_slice_dice") - s.mean("dice"), None, "dice"))
         lines.append("| " + " | ".join(cells) + " |")
     scored = [s for s in summaries if s.cases]
     if len(scored) > 1:
         cells = ["**Mean over labels**", ""] + [
             _fmt(float(np.mean([s.mean(m) for s in scored])), None, m) for m in metrics
         ]
+        if per_slice:
+            gap = float(np.mean([s.mean("per_slice_dice") - s.mean("dice") for s in scored]))
+            cells.append(_fmt(gap, None, "dice"))
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{s.label}: absent from {s.absent} case(s)" for s in summaries if s.absent]
     notes += [f"{s.label}: failed in {s.failed} case(s) (see metrics.csv)" for s in summaries if s.failed]
@@ -198,6 +221,11 @@ def markdown_summary(
             + " | ".join(f"{v:.3f}" for v in means)
             + f" | {float(np.mean(means)):.3f} |"
         )
+        from medsam2.evaluation.references import published_means
+
+        for source, mean in published_means(settings):
+            blanks = "- | " * len(names)
+            lines.append(f"| {source} (published; same protocol, not the same data) | {blanks}{mean:.3f} |")
 
     rounds = round_table(results.rows)
     max_round = max((max(r) for r in rounds.values() if r), default=0)
@@ -214,6 +242,10 @@ def markdown_summary(
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    if settings.cvpr25 is not None:
+        from medsam2.evaluation.cvpr25_report import cvpr25_section
+
+        lines.append(cvpr25_section(results.rows, settings.cvpr25.clicks, tol))
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:
@@ -223,37 +255,25 @@ def markdown_summary(
 
 
 # ---------------------------------------------------------------------------------------- plots
-def _figure(width: float, height: float) -> Any:
-    # Figure without pyplot: no global backend switch, so a report can be made inside Slicer or a
-    # notebook without disturbing its interactive figures; savefig renders with Agg.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
 def plot_boxes(summaries: list[LabelSummary], plot_dir: Path, tolerance_mm: float) -> list[Path]:
     scored = [s for s in summaries if s.cases]
     if not scored:
         return []
     paths = []
     for metric in METRIC_NAMES:
-        fig = _figure(max(4.0, 1.2 * len(scored) + 2), 4.0)
+        fig = new_figure(max(4.0, 1.2 * len(scored) + 2), 4.0)
         ax = fig.add_subplot()
         data = [s.values[metric] for s in scored]
         ax.boxplot(data, showmeans=True)
         ax.set_xticks(range(1, len(scored) + 1), [s.label for s in scored], rotation=30, ha="right")
         for n, values in enumerate(data, 1):  # the cases themselves: few cases make a box misleading
             ax.plot(np.full(len(values), n), values, "o", color="black", alpha=0.4, markersize=3)
-        title = TITLES[metric] + (f" at {tolerance_mm:g} mm" if metric == "nsd" else "")
+        title = TITLES[metric] + (f" at {tolerance_mm:g} mm" if metric.startswith("nsd") else "")
         ax.set_title(f"{title} per label")
         ax.set_ylabel(TITLES[metric])
-        if metric != "hd95":
+        if not is_distance(metric):
             ax.set_ylim(-0.02, 1.02)
-        paths.append(_save(fig, plot_dir / f"box_{metric}.png"))
+        paths.append(save_figure(fig, plot_dir / f"box_{metric}.png"))
     return paths
 
 
@@ -264,7 +284,7 @@ def plot_slice_dice(slice_rows: list[dict[str, str]], plot_dir: Path) -> Optiona
             by_label[row["label"]][row["case"]].append((int(row["offset"]), float(row["dice"])))
     if not by_label:
         return None
-    fig = _figure(5.0 * len(by_label), 4.0)
+    fig = new_figure(5.0 * len(by_label), 4.0)
     axes = fig.subplots(1, len(by_label), squeeze=False)[0]
     for ax, (label, cases) in zip(axes, by_label.items()):
         pooled: dict[int, list[float]] = defaultdict(list)
@@ -282,14 +302,14 @@ def plot_slice_dice(slice_rows: list[dict[str, str]], plot_dir: Path) -> Optiona
         ax.set_ylabel("Dice on the slice")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(loc="lower left")
-    return _save(fig, plot_dir / "slice_dice.png")
+    return save_figure(fig, plot_dir / "slice_dice.png")
 
 
 def plot_rounds(rows: list[dict[str, str]], plot_dir: Path) -> Optional[Path]:
     table = round_table(rows)
     if not any(len(by_round) > 1 for by_round in table.values()):
         return None
-    fig = _figure(5.0, 4.0)
+    fig = new_figure(5.0, 4.0)
     ax = fig.add_subplot()
     for label, by_round in table.items():
         rounds = sorted(by_round)
@@ -303,7 +323,7 @@ def plot_rounds(rows: list[dict[str, str]], plot_dir: Path) -> Optional[Path]:
     ax.set_xticks(sorted({r for by_round in table.values() for r in by_round}))
     ax.set_title("Dice against interaction round")
     ax.legend()
-    return _save(fig, plot_dir / "rounds_dice.png")
+    return save_figure(fig, plot_dir / "rounds_dice.png")
 
 
 def write_report(
@@ -312,17 +332,23 @@ def write_report(
     cases: Sequence[CaseRecord],
     settings: EvaluationSettings,
     model: str = "",
+    weights_random: bool = False,
 ) -> ReportPaths:
 
     out_dir = Path(out_dir)
     results = read_results(out_dir, cases)
-    metrics_csv = write_csv_atomic(out_dir / "metrics.csv", results.rows, CASE_FIELDS)
+    metrics_csv = write_csv_atomic(out_dir / "metrics.csv", results.rows, case_fields(settings))
     slices = write_csv_atomic(out_dir / "per_slice.csv", results.slice_rows, SLICE_FIELDS)
     plot_dir = out_dir / "plots"
     plots = plot_boxes(summarise(results.rows), plot_dir, settings.tolerance_mm)
-    for extra in (plot_slice_dice(results.slice_rows, plot_dir), plot_rounds(results.rows, plot_dir)):
+    extras = [plot_slice_dice(results.slice_rows, plot_dir), plot_rounds(results.rows, plot_dir)]
+    if settings.cvpr25 is not None:
+        from medsam2.evaluation.cvpr25_report import plot_clicks
+
+        extras.append(plot_clicks(results.rows, plot_dir, settings.cvpr25.clicks))
+    for extra in extras:
         if extra is not None:
             plots.append(extra)
-    text = markdown_summary(results, dataset, settings, model, plots, out_dir)
+    text = markdown_summary(results, dataset, settings, model, plots, out_dir, weights_random)
     summary = write_text_atomic(out_dir / "summary.md", text)
     return ReportPaths(metrics_csv, slices, summary, plots)

@@ -26,8 +26,9 @@ from medsam2.datasets.layouts import CaseRecord, EvaluationDataset, LabelSpec, L
 from medsam2.datasets.prompts import case_rng
 from medsam2.distributed import RankInfo, barrier, rank_info
 from medsam2.errors import InvalidPromptError, MedSAM2Error
-from medsam2.evaluation.metrics import compute_metrics, slice_overlap
-from medsam2.evaluation.outputs import CASE_FIELDS, SLICE_FIELDS, case_csv, case_finished, error_file, slices_csv
+from medsam2.evaluation.columns import METRIC_COLUMNS, metric_columns
+from medsam2.evaluation.metrics import slice_overlap
+from medsam2.evaluation.outputs import SLICE_FIELDS, case_csv, case_fields, case_finished, error_file, slices_csv
 from medsam2.evaluation.protocols import (
     SlicePrompt,
     apply_prompt,
@@ -80,6 +81,10 @@ def evaluate_label(
     settings: EvaluationSettings,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Optional[np.ndarray]]:
     """All rounds for one structure of one case; the session is reset first (its features stay)."""
+    if settings.cvpr25 is not None:
+        from medsam2.evaluation.cvpr25 import evaluate_label as evaluate_cvpr25
+
+        return evaluate_cvpr25(session, case, spec, settings)
     gt = spec.mask(case.label)
     base = {"case": case.case_id, "label": spec.name, "values": " ".join(map(str, spec.values))}
     if not gt.any():
@@ -120,19 +125,14 @@ def evaluate_label(
             )
             prediction = result.masks[OBJECT_ID].copy()
         scored = _restrict(prediction, axis, slice_range)
-        metrics = compute_metrics(scored, gt_scored, case.geometry.spacing, settings.tolerance_mm)
+        metrics = metric_columns(scored, gt_scored, case.geometry.spacing, settings.tolerance_mm)
         overlap = slice_overlap(scored, gt_scored, axis)
         rows.append(
             {
                 **base,
                 "round": round_index,
                 "status": "ok",
-                "dice": metrics.dice,
-                "iou": metrics.iou,
-                "nsd": metrics.nsd,
-                "hd95": metrics.hd95,
-                "gt_voxels": metrics.gt_voxels,
-                "pred_voxels": metrics.pred_voxels,
+                **metrics,
                 "per_slice_dice": float(np.mean(overlap.dice(empty_value=1.0)))
                 if protocol.per_slice
                 else None,
@@ -213,6 +213,7 @@ def _save_predictions(
 
 
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest = json.loads(json.dumps(manifest))  # as a reader sees it: tuples become lists
     path = out_dir / "run.json"
     if path.is_file():
         try:
@@ -249,6 +250,7 @@ def evaluate_dataset(
     settings: Optional[EvaluationSettings] = None,
     *,
     model: str = "",
+    weights_random: bool = False,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     limit: Optional[int] = None,
@@ -257,7 +259,8 @@ def evaluate_dataset(
 ) -> EvaluationRun:
     """Evaluate this process's share of the cases, skipping finished ones; rank 0 writes the report.
 
-    ``model`` describes the weights (name, checkpoint) for run.json and the summary. ``rank`` and
+    ``model`` describes the weights (name, checkpoint) for run.json and the summary; ``weights_random``
+    says they are random (a test model), which the summary's first line then says. ``rank`` and
     ``world_size`` default to torchrun's environment variables; ``limit`` takes the first cases only.
     """
 
@@ -274,13 +277,17 @@ def evaluate_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = dataset.cases[:limit] if limit else list(dataset.cases)
-    manifest = {
+    manifest: dict[str, Any] = {
         "dataset": str(dataset.root.resolve()),
         "layout": dataset.layout,
         "labels": [[s.name, list(s.values)] for s in dataset.labels] if dataset.labels is not None else "all",
         "settings": settings.as_json(),
         "model": model,
+        # Case files of an older layout (before the columns named their surface) cannot be merged.
+        "metric_columns": list(METRIC_COLUMNS),
     }
+    if weights_random:
+        manifest["random_weights"] = True
     _check_manifest(out, manifest)
 
     run = EvaluationRun(info.rank, info.world_size)
@@ -301,7 +308,7 @@ def evaluate_dataset(
         if settings.save_predictions and result.predictions and result.geometry is not None:
             _save_predictions(out, record.case_id, result.predictions, result.geometry)
         write_csv_atomic(slices_csv(out, record.case_id), result.slice_rows, SLICE_FIELDS)
-        write_csv_atomic(case_csv(out, record.case_id), result.rows, CASE_FIELDS)  # last: marks it finished
+        write_csv_atomic(case_csv(out, record.case_id), result.rows, case_fields(settings))  # last: marks it finished
         error_file(out, record.case_id).unlink(missing_ok=True)
         run.evaluated.append(record.case_id)
         finals = {r["label"]: r.get("dice") for r in result.rows}
@@ -311,5 +318,5 @@ def evaluate_dataset(
     if info.launched:
         barrier(info, barrier_timeout_s)
     if info.rank == 0:
-        run.report = write_report(out, dataset, cases, settings, model=model)
+        run.report = write_report(out, dataset, cases, settings, model=model, weights_random=weights_random)
     return run

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from medsam2.api import DIRECTIONS
 from medsam2.errors import InvalidPromptError
+from medsam2.evaluation.cvpr25_protocol import Cvpr25Protocol
 from medsam2.evaluation.protocols import PromptProtocol
 
 
@@ -20,6 +21,7 @@ class EvaluationSettings:
     tolerance_mm: float = 1.0
     memory_budget_bytes: Optional[int] = None
     save_predictions: bool = False
+    cvpr25: Optional[Cvpr25Protocol] = None  # the CVPR 2025 interactive protocol instead of ``protocol``
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -38,9 +40,13 @@ class EvaluationSettings:
             raise InvalidPromptError(
                 "the Medical-SAM2 per-slice protocol has no interaction rounds; use --rounds 0"
             )
+        if self.cvpr25 is not None and (self.protocol.per_slice or self.protocol.rounds):
+            raise InvalidPromptError("the CVPR 2025 protocol sets its own prompts; drop the other protocol options")
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("memory_budget_bytes")  # changes nothing in the results; free to differ on resume
         out.pop("save_predictions")
+        if out["cvpr25"] is None:
+            out.pop("cvpr25")  # results folders written before the protocol existed stay resumable
         return out
