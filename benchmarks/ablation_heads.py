@@ -21,6 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not merged under a lock there
+    fcntl = None  # type: ignore[assignment]
 import platform
 import shlex
 import sys
@@ -194,7 +199,7 @@ def markdown(records: list[dict[str, Any]], args: argparse.Namespace, command: s
     lines = [
         f"# SAM2-3dMed head ablation, {args.mode.upper()} mode, MNI152 tissue copies",
         "",
-        f"Command: `{command}`",
+        f"Command(s): `{command}`",
         "",
         f"Machine: {machine}. Random-weight SAM 2.1 tiny at 128 px, frozen encoder, {args.steps} steps of one "
         f"{'clip of ' + str(args.clip_length) + ' slices' if args.mode == '3d' else 'slice'}, lr {args.lr:g} "
@@ -296,10 +301,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"ablation_heads_{args.mode}"
-    payload = {"command": command, "machine": machine, "settings": vars(args), "variants": records}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(records, args, command, machine))
-    plot(records, stem.with_suffix(".png"), f"MNI152 tissue copies, {args.mode.upper()}, {args.steps} steps")
+    commands = [command]
+    with open(results / f".ablation_heads_{args.mode}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # runs of some --variants each may finish together
+        if args.variants and stem.with_suffix(".json").is_file():
+            # a run of some variants replaces those in the table, keeping the others (same settings only)
+            earlier = json.loads(stem.with_suffix(".json").read_text())
+            same = {k: v for k, v in earlier["settings"].items() if k not in ("variants", "work", "results")}
+            if same == {k: v for k, v in vars(args).items() if k not in ("variants", "work", "results")}:
+                names = {r["variant"] for r in records}
+                kept = [r for r in earlier["variants"] if r["variant"] not in names]
+                order = [v[0] for v in (VARIANTS_3D if args.mode == "3d" else VARIANTS_2D)]
+                records = sorted(kept + records, key=lambda r: order.index(r["variant"]))
+                commands = [c for c in earlier.get("commands", [earlier.get("command")]) if c] + commands
+        payload = {"commands": commands, "machine": machine, "settings": vars(args), "variants": records}
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(records, args, " ; ".join(commands), machine))
+        plot(records, stem.with_suffix(".png"), f"MNI152 tissue copies, {args.mode.upper()}, {args.steps} steps")
     print(f"wrote {stem}.md, .json, .png")
     return 0
 

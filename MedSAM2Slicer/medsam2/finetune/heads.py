@@ -62,8 +62,9 @@ class SRPPHead(nn.Module):
             layer = nn.TransformerEncoderLayer(hidden_dim, context_heads, 2 * hidden_dim, dropout=0.0, norm_first=True)
             # (norm_first layers: PyTorch warns that its fast path is off; it is, and need not be here)
             self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(hidden_dim)
-        self.position = nn.Linear(hidden_dim, 1)
+        # no biases before the difference p_j - p_i: they cancel in it and would never be trained
+        self.norm = nn.LayerNorm(hidden_dim, bias=False)
+        self.position = nn.Linear(hidden_dim, 1, bias=False)
 
     def positions(self, frame_features: torch.Tensor) -> torch.Tensor:
         """(T, B, C, H, W) -> (T, B) positions in units of ``T - 1`` slices."""
