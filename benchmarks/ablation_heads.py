@@ -302,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"ablation_heads_{args.mode}"
     commands = [command]
-    with open(results / f".ablation_heads_{args.mode}.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"medsam2_ablation_heads_{args.mode}.lock", "w") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # runs of some --variants each may finish together
         if args.variants and stem.with_suffix(".json").is_file():

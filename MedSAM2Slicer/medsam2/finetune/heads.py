@@ -7,26 +7,25 @@ SRPP (Slice Relative Position Prediction)
     Which features (issue 17): the slice's own image features before memory attention: the frozen
     encoder's top level plus the decoder's trainable stride-8 projection (``conv_s1``, pooled to the
     same grid), so SRPP's gradient reaches a part of the exported model. The first version read the
-    memory-conditioned features (after memory attention) and learned nothing: those describe the slice
-    *and* what memory attention took from the slices processed before it, which follows the order SAM 2
-    visits slices in (out from the prompted slice, both ways), not their order in the volume; with them
-    the loss stayed near the zero-offset baseline with spikes far above it on 60-step runs, while with
-    the slice's own features it falls (figures in benchmarks/results/ablation_heads_3d.md).
-    How (issue 17: the first version, a mean over the whole slice into a pairwise MLP, stayed at the
-    zero-offset loss): each slice is reduced to a coarse grid (1x1 projection, 4x4 average pool) rather
-    than one mean, which keeps *where* the anatomy lies on the slice (what changes from one slice to
-    the next; a whole-slice mean mostly does not); the embedding is normalised; SAM2-3dMed's Transformer
-    encoder across the clip's slices is optional (``context_layers``, no slice-position encoding: that
-    would hand it the answer), off by default, as on short runs it slowed learning (measured: 60 single-clip
-    steps reached a held-out MSE of 3.7 without it, 5.2 with one layer). The pair regressor is
-    the difference of a per-slice position, ``p_j - p_i``, in units of the clip length: antisymmetric
-    by construction (the offset of (j, i) is minus that of (i, j)) and consistent along chains, as slice
-    offsets are, and the output starts on the scale of the targets instead of needing many steps to grow to it.
+    memory-conditioned features (after memory attention). Those mix into each slice what memory
+    attention took from the slices processed before it, in the order SAM 2 visits them (out from the
+    prompted slice, both ways), and they change fast while memory attention trains; on 60-step MNI152
+    runs the held-out offset error was 7.2 to 9.4 slices^2 with them (zero offset: 12) and 4.5 with the
+    slice's own features (single runs, so indicative only).
+    How: each slice is reduced to a coarse grid (1x1 projection, 4x4 average pool) rather than one mean
+    over the slice, which keeps *where* the anatomy lies (what changes from one slice to the next; a
+    whole-slice mean keeps little of it), then normalised. SAM2-3dMed's Transformer encoder across the
+    clip's slices is optional (``context_layers``; no slice-position encoding, which would hand it the
+    answer) and off by default: on fixed features of the starting model, 60 single-clip steps reached a
+    held-out error of 3.7 without it and 5.2 with one layer. The pair regressor is the difference of a
+    per-slice position, ``p_j - p_i``, in units of the clip length: antisymmetric by construction (the
+    offset of (j, i) is minus that of (i, j)) and consistent along chains, as slice offsets are, with
+    outputs on the scale of the targets from the first step (the old MLP's output had to grow to +-7).
 
 BD (Boundary Detection)
-    A branch beside the mask decoder that predicts a boundary map from the same memory-conditioned
-    features and the decoder's high-resolution skip features (stride 4 and 8), at the resolution of
-    SAM 2's low-resolution masks (a quarter of the input size); trained with class-balanced BCE on the
+    A branch beside the mask decoder that predicts a boundary map from the memory-conditioned features
+    (what the mask decoder reads) and the decoder's high-resolution skip features (stride 4 and 8), at
+    the resolution of SAM 2's low-resolution masks (a quarter of the input size); trained with class-balanced BCE on the
     ground-truth boundary band. Its gradient reaches memory attention and the decoder's skip
     projections (``conv_s0``/``conv_s1``), which is how it sharpens the exported model's edges.
 """
