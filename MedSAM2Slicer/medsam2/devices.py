@@ -47,12 +47,13 @@ def _mps_available() -> bool:
 
 
 def _cpu() -> torch.device:
-    # torch defaults to the physical cores it detects; use every core this process may run on.
+    # torch defaults to the physical cores it detects; use every core this process may run on, unless
+    # OMP_NUM_THREADS says otherwise (on a shared machine fewer threads can be many times faster).
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    if torch.get_num_threads() < cores:
+    if torch.get_num_threads() < cores and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(cores)
     return torch.device("cpu")
 

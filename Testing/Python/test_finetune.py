@@ -483,8 +483,9 @@ def test_srpp_and_bd_change_the_loss_and_their_gradients_reach_the_heads(mni):
         grads = _grads(model, losses["total"])
         head = model.srpp if name == "srpp" else model.boundary
         assert head is not None and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-        # its gradient also reaches SAM 2's trainable modules (memory attention at least)
-        key = "sam.memory_attention.layers.0.linear1.weight"
+        # its gradient also reaches SAM 2's trainable modules: memory attention (BD reads the memory-
+        # conditioned features), the decoder's stride-8 projection (SRPP reads the slice's own features)
+        key = "sam.memory_attention.layers.0.linear1.weight" if name == "bd" else "sam.sam_mask_decoder.conv_s1.weight"
         assert not torch.allclose(grads[key], grads_plain[key])
         for p in model.parameters():
             p.grad = None

@@ -42,6 +42,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     train.add_argument("--steps", type=int, default=100, help="optimizer steps per epoch (default 100)")
     train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    train.add_argument("--head-lr", type=float, help="peak learning rate of the new SRPP/BD heads (default 1e-3)")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of all, at most 200)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm limit (0: none)")
@@ -92,6 +93,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         epochs=args.epochs,
         steps=args.steps,
         lr=args.lr,
+        head_lr=args.head_lr,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,

@@ -38,6 +38,17 @@ from medsam2.predictor import EngineVideoPredictor
 FrameFeatures = tuple[list[torch.Tensor], list[torch.Tensor]]  # backbone FPN levels, position encodings
 
 
+def srpp_input(top_level: torch.Tensor, size: tuple[int, int], high_res: Optional[list[torch.Tensor]]) -> torch.Tensor:
+    """What the SRPP head reads for one slice (see heads.py): the image features of the slice itself,
+    before memory attention, as (B, C, H, W): the encoder's top level (``top_level`` (HW, B, C)) and, where
+    the model has them, the decoder's trainable stride-8 projection, pooled to the same grid."""
+    hw, b, c = top_level.shape
+    parts = [top_level.permute(1, 2, 0).reshape(b, c, *size)]
+    if high_res is not None:
+        parts.append(torch.nn.functional.adaptive_avg_pool2d(high_res[1], size))
+    return torch.cat(parts, dim=1)
+
+
 class EncoderFeatureCache:
     """Frozen-encoder outputs per (case, slice), first come first kept within ``budget_bytes``."""
 
@@ -81,6 +92,10 @@ class FinetuneModel(nn.Module):
         for p in sam.image_encoder.parameters():
             p.requires_grad_(not freeze_encoder)
         self.cache = EncoderFeatureCache(feature_cache_bytes if freeze_encoder else 0)
+        # When set, forward keeps the heads' outputs (detached) for scoring: "bd" (logits, band) per
+        # frame, "srpp" (predicted, true offsets) per clip batch. Off in training.
+        self.keep_head_outputs = False
+        self.head_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"bd": [], "srpp": []}
 
     def train(self, mode: bool = True) -> FinetuneModel:
         super().train(mode)
@@ -155,7 +170,7 @@ class FinetuneModel(nn.Module):
         output_dict: dict[str, dict[int, Any]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         run_memory = num_frames > 1
         parts: dict[str, list[torch.Tensor]] = {"focal": [], "dice": [], "iou": [], "object_score": [], "bd": []}
-        pix_feats: list[Optional[torch.Tensor]] = [None] * num_frames
+        slice_feats: list[Optional[torch.Tensor]] = [None] * num_frames
         for t, reverse in self.processing_order(num_frames, batch.prompt_frames):
             is_cond = t in batch.prompt_frames
             point_inputs = batch.point_inputs.get(t)
@@ -181,7 +196,8 @@ class FinetuneModel(nn.Module):
                 feats[t], feat_sizes, point_inputs, run_memory, high_res_masks, object_score_logits, current_out
             )
             output_dict["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = current_out
-            pix_feats[t] = pix_feat
+            if self.srpp is not None:
+                slice_feats[t] = srpp_input(feats[t][-1], feat_sizes[-1], high_res)
             if mask_inputs is not None and sam.use_mask_input_as_output_without_sam:
                 continue  # the output is the given mask itself: nothing to learn on this slice
             target = batch.targets[t]
@@ -192,7 +208,10 @@ class FinetuneModel(nn.Module):
             if self.boundary is not None:
                 logits = self.boundary(pix_feat, high_res)
                 small = torch.nn.functional.interpolate(target, size=logits.shape[-2:], mode="area")
-                parts["bd"].append(boundary_loss(logits, boundary_targets(small)))
+                band = boundary_targets(small)
+                parts["bd"].append(boundary_loss(logits, band))
+                if self.keep_head_outputs:
+                    self.head_outputs["bd"].append((logits.detach(), band))
 
         zero = batch.targets.new_zeros(())
         seg = {k: torch.stack(v).mean() if v else zero for k, v in parts.items() if k != "bd"}
@@ -203,8 +222,10 @@ class FinetuneModel(nn.Module):
             losses["bd"] = torch.stack(parts["bd"]).mean() if parts["bd"] else zero
             total = total + self.weights.bd * losses["bd"]
         if self.srpp is not None and num_frames > 1:
-            stacked = torch.stack([p for p in pix_feats if p is not None])  # (T, B, C, H, W) in slice order
+            stacked = torch.stack([p for p in slice_feats if p is not None])  # (T, B, C, H, W) in slice order
             predicted, true = self.srpp(stacked)
+            if self.keep_head_outputs:
+                self.head_outputs["srpp"].append((predicted.detach(), true))
             losses["srpp"] = srpp_loss(predicted, true)
             total = total + self.weights.srpp * losses["srpp"]
         losses["total"] = total

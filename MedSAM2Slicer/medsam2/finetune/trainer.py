@@ -17,10 +17,11 @@ of the learning rate, gradient clipping, ``accumulate`` micro-batches per optimi
 autocast on CUDA (float32 elsewhere), the image encoder frozen unless ``unfreeze_encoder``.
 
 Several GPUs: under ``torchrun --nproc_per_node N`` each process reads RANK / WORLD_SIZE / LOCAL_RANK
-(as the evaluation runner does), takes GPU LOCAL_RANK, draws its own batches (seed + rank), and
-``DistributedDataParallel`` averages the gradients; validation cases are shared out and the Dice
-summed across processes; rank 0 writes the files. No option changes: the same command runs on one
-GPU, on the CPU, or under torchrun.
+(as the evaluation runner does), takes GPU LOCAL_RANK, trains on its share of one global batch of
+``batch * N`` clips that every process draws alike (shard.py), and ``DistributedDataParallel`` averages
+the gradients: the losses are those of one process with ``--batch`` N times larger. Validation cases
+are shared out and the Dice summed across processes; rank 0 writes the files. No option changes: the
+same command runs on one GPU, on the CPU, or under torchrun.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from medsam2.finetune.forward import FinetuneModel
 from medsam2.finetune.heads import boundary_head_for, srpp_head_for
 from medsam2.finetune.losses import LossWeights
 from medsam2.finetune.sampler import MODES, PROMPT_KINDS_2D, PROMPT_KINDS_3D, ClipSampler
+from medsam2.finetune.shard import ShardedSampler
 from medsam2.finetune.validation import reduce_validation, validate
 from medsam2.geometry import SliceLayout, VolumeGeometry
 from medsam2.intensity import parse_intensity
@@ -61,6 +63,10 @@ Log = Callable[[str], None]
 STATE_FILE = "train_state.pt"
 DEFAULT_SRPP_WEIGHT = 0.01
 DEFAULT_BD_WEIGHT = 0.1
+# The SRPP/BD heads start from random weights next to a (usually pretrained) model: at the model's
+# learning rate they barely move in a short run (issue 17). They get their own rate, gradient clipping
+# and warm-up-and-decay schedule (the same factor as the model's).
+DEFAULT_HEAD_LR = 1e-3
 # Settings that may differ when a run is resumed: they change how, not what, is trained.
 RESUME_MAY_CHANGE = frozenset({"epochs", "device", "feature_cache_gb", "case_cache_gb", "quiet", "out"})
 
@@ -85,6 +91,7 @@ class FinetuneSettings:
     epochs: int = 10
     steps: int = 100  # optimizer steps per epoch
     lr: float = 1e-4
+    head_lr: Optional[float] = None  # None: DEFAULT_HEAD_LR for the new SRPP/BD heads
     weight_decay: float = 0.01
     warmup_steps: Optional[int] = None  # None: 5 % of all steps, at most 200
     grad_clip: float = 1.0
@@ -111,6 +118,8 @@ class FinetuneSettings:
                 problems.append(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             problems.append(f"learning rate must be positive, got {self.lr}")
+        if self.head_lr is not None and (not self.head_lr > 0 or not math.isfinite(self.head_lr)):
+            problems.append(f"head learning rate must be positive, got {self.head_lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             problems.append("weight decay and gradient clipping cannot be negative")
         if self.srpp_weight is not None and self.srpp_weight < 0 or self.bd_weight < 0:
@@ -383,11 +392,18 @@ def finetune(
         freeze_encoder=not settings.unfreeze_encoder,
         feature_cache_bytes=int(cache_gb * 2**30),
     ).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    trainable = [p for p in model.sam.parameters() if p.requires_grad]
+    head_params = [p for head in (srpp, boundary) if head is not None for p in head.parameters()]
+    groups: list[dict[str, Any]] = [{"params": trainable, "lr": settings.lr}]
+    if head_params:
+        head_lr = settings.head_lr if settings.head_lr is not None else DEFAULT_HEAD_LR
+        groups.append({"params": head_params, "lr": head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
 
-    rng = np.random.default_rng([settings.seed, info.rank])
+    # One generator stream on every process: they draw the same global batch and each trains its own
+    # rows (shard.py), so a torchrun job follows the one-process run of the same global batch.
+    rng = np.random.default_rng([settings.seed, 0])
     history: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
     step, best_dice = 0, float("-inf")
     if resume:
@@ -399,7 +415,7 @@ def finetune(
     store = CaseStore(
         dataset, layout_for, parse_intensity(intensity), image_size, device, int(settings.case_cache_gb * 2**30)
     )
-    sampler = ClipSampler(
+    global_sampler = ClipSampler(
         store,
         index,
         train_ids,
@@ -407,10 +423,11 @@ def finetune(
         clip_length=settings.clip_length,
         prompt_slices=settings.prompt_slices,
         prompt_kinds=settings.prompt_kinds,
-        batch_size=settings.batch,
+        batch_size=settings.batch * info.world_size,
         rng=rng,
         log=note,
     )
+    sampler = ShardedSampler(global_sampler, info.rank, info.world_size)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         _write_text(out / "settings.json", json.dumps(settings.as_json(), indent=2) + "\n")
@@ -494,7 +511,7 @@ def finetune(
             started = time.perf_counter()
             while step < epoch * settings.steps:
                 record = _optimizer_step(
-                    engine, sampler, optimizer, scheduler, trainable, settings, autocast, distributed
+                    engine, sampler, optimizer, scheduler, [trainable, head_params], settings, autocast, distributed
                 )
                 step += 1
                 record["step"] = step
@@ -556,15 +573,17 @@ def _progress(settings: FinetuneSettings, main_process: bool, epoch: int, done: 
 
 def _optimizer_step(
     engine: torch.nn.Module,
-    sampler: ClipSampler,
+    sampler: Union[ClipSampler, ShardedSampler],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
-    trainable: list[torch.nn.Parameter],
+    trainable: Sequence[Any],
     settings: FinetuneSettings,
     autocast: Any,
     distributed: bool,
 ) -> dict[str, Any]:
-    """``accumulate`` micro-batches, one optimizer step; returns the mean losses (over processes too)."""
+    """``accumulate`` micro-batches, one optimizer step; returns the mean losses (over processes too).
+    ``trainable``: the parameters, or sets of them clipped each on its own (SAM 2's, the heads'), so
+    the size of the segmentation gradient does not scale the heads' updates."""
     sums: dict[str, float] = {}
     for micro in range(settings.accumulate):
         batch = sampler.next_batch()
@@ -577,7 +596,10 @@ def _optimizer_step(
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) / settings.accumulate
     if settings.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+        sets = [trainable] if all(isinstance(p, torch.Tensor) for p in trainable) else trainable
+        for params in sets:
+            if params:
+                torch.nn.utils.clip_grad_norm_(list(params), settings.grad_clip)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
