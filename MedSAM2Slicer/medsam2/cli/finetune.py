@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 from medsam2.cli.common import Handler, add_command, add_dataset_options, add_model_options, emit
 from medsam2.distributed import rank_info
 from medsam2.finetune.sampler import MODES, PROMPT_KINDS_3D
-from medsam2.finetune.trainer import DEFAULT_BD_WEIGHT, FinetuneSettings, finetune
+from medsam2.finetune.settings import DEFAULT_BD_WEIGHT, FinetuneSettings
+from medsam2.finetune.trainer import finetune
 
 DESCRIPTION = (
     "Fine-tune a SAM 2 model on labelled volumes (Decathlon, BraTS, image/label folders, Slicer .seg.nrrd): "

@@ -11,6 +11,7 @@ export (the engine checkpoint), curves, cli_finetune (``medsam2 finetune``).
 """
 
 from medsam2.finetune.export import export_checkpoint
-from medsam2.finetune.trainer import FinetuneResult, FinetuneSettings, finetune
+from medsam2.finetune.settings import FinetuneResult, FinetuneSettings
+from medsam2.finetune.trainer import finetune
 
 __all__ = ["FinetuneResult", "FinetuneSettings", "export_checkpoint", "finetune"]
