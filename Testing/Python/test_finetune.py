@@ -29,7 +29,7 @@ from medsam2.finetune import FinetuneSettings
 from medsam2.finetune.data import CaseStore, resize_masks
 from medsam2.finetune.forward import FinetuneModel
 from medsam2.finetune.heads import boundary_head_for, srpp_head_for
-from medsam2.finetune.losses import LossWeights, boundary_loss, boundary_targets
+from medsam2.finetune.losses import LossWeights
 from medsam2.finetune.sampler import ClipSampler
 from medsam2.finetune.validation import validate
 from medsam2.geometry import SliceLayout, VolumeGeometry
@@ -513,18 +513,6 @@ def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor
         p.grad = None
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_boundary_loss_is_class_balanced():
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
-    edge = boundary_targets(mask)
-    assert edge.sum() > 0 and edge[..., 16, 16] == 0 and edge[..., 8, 16] == 1
-    perfect, inverted = edge * 20 - 10, (1 - edge) * 20 - 10
-    assert boundary_loss(perfect, edge) < 1e-3 < boundary_loss(inverted, edge)
-    # predicting "no boundary" everywhere is as bad as "boundary" everywhere: rare pixels weigh as much
-    none, everywhere = torch.full_like(edge, -10.0), torch.full_like(edge, 10.0)
-    assert boundary_loss(none, edge) == pytest.approx(float(boundary_loss(everywhere, edge)), rel=0.05)
 
 
 def test_best_model_keeps_its_weights_when_the_latest_is_rewritten(tmp_path):

@@ -198,3 +198,15 @@ def test_torchrun_two_processes_give_the_losses_of_one_process_with_the_same_glo
     state = torch.load(tmp_path / "one" / "train_state.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert len(groups) == 2 and [g["initial_lr"] for g in groups] == pytest.approx([5e-4, 1e-3])
+
+
+def test_boundary_loss_is_class_balanced():
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    edge = boundary_targets(mask)
+    assert edge.sum() > 0 and edge[..., 16, 16] == 0 and edge[..., 8, 16] == 1
+    perfect, inverted = edge * 20 - 10, (1 - edge) * 20 - 10
+    assert boundary_loss(perfect, edge) < 1e-3 < boundary_loss(inverted, edge)
+    # predicting "no boundary" everywhere is as bad as "boundary" everywhere: rare pixels weigh as much
+    none, everywhere = torch.full_like(edge, -10.0), torch.full_like(edge, 10.0)
+    assert boundary_loss(none, edge) == pytest.approx(float(boundary_loss(everywhere, edge)), rel=0.05)
