@@ -81,7 +81,13 @@ def validate(
                 if mode == "3d":
                     loaded = LoadedCase(case_id, case.image, mask.astype(np.int32), case.geometry)
                     rows, _, _ = evaluate_label(session, loaded, LabelSpec(name, (1,)), settings)
-                    scored = {k: float(rows[-1][k]) for k in ("dice", "hd95", "nsd")}
+                    # MONAI's voxel surfaces, as _slice_metrics scores 2D mode
+                    last = rows[-1]
+                    scored = {
+                        "dice": float(last["dice"]),
+                        "hd95": float(last["hd95_monai"]),
+                        "nsd": float(last["nsd_monai"]),
+                    }
                 else:
                     scored = _slice_metrics(session, case_id, name, mask, case.geometry.spacing, settings, max_slices)
             except InvalidPromptError:
