@@ -16,8 +16,9 @@ from medsam2.errors import InvalidPromptError
 MANIFEST_HELP = """\
 A manifest lists one case per row: a CSV file with a header line, or a JSON list of objects (or
 {"cases": [...]}). Every row needs 'input' (a volume file, DICOM folder or DICOMweb URL) and 'output'
-(.seg.nrrd, .nii.gz, .nrrd or .dcm; relative paths are placed in --output-dir, default next to the
-manifest). Every other column is a 'medsam2 segment' option without its leading dashes ('point',
+(.seg.nrrd, .nii.gz, .nrrd or .dcm). Relative input, mask and prompts paths are read from the
+manifest's folder; relative outputs are placed in --output-dir (default: the manifest's folder).
+Every other column is a 'medsam2 segment' option without its leading dashes ('point',
 'negative_point', 'box', 'prompts', 'mask', 'label', 'preset', 'window', 'axis', 'slices',
 'direction', 'stop_when_absent', 'largest_component', 'model', 'checkpoint', ...); in a CSV, several
 values of a repeatable option are separated by ';' and a flag is 'true'. Empty cells are ignored.
@@ -107,6 +108,13 @@ def run_batch(args: argparse.Namespace) -> int:
             record.update(status="failed", error=f"bad manifest row: {exc}")
             results.append(record)
             continue
+        source = str(row["input"])
+        if "://" not in source and not Path(source).is_absolute():
+            source = str(args.manifest.parent / source)  # where the manifest says, wherever it is run from
+        for key in ("mask", "prompts"):
+            given = getattr(case, key, None)
+            if given is not None and not given.is_absolute():
+                setattr(case, key, args.manifest.parent / given)
         for key in ("model", "checkpoint", "config", "image_size", "device", "memory_budget"):
             if getattr(case, key, None) is None:
                 setattr(case, key, getattr(args, key))
@@ -116,7 +124,7 @@ def run_batch(args: argparse.Namespace) -> int:
         else:
             try:
                 output.parent.mkdir(parents=True, exist_ok=True)
-                record.update(status="done", **segment_one(SegmentJob(str(row["input"]), output, case), models))
+                record.update(status="done", **segment_one(SegmentJob(source, output, case), models))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one case's failure never stops the others
