@@ -22,12 +22,12 @@ from medsam2.geometry import VolumeGeometry
 
 SHAPE = (8, 40, 36)  # k, j, i
 SPACING = (2.0, 2.0, 4.0)  # i, j, k in mm
-# LPS origins that put the volume's centre on the help example's clicks (RAS -55,20,103 for the
-# NIfTI cases, RAS 12.5,-30,40 for the DICOM case).
+# LPS origins that put the volume around the help example's clicks (RAS -60,20,110 to -50,25,101 for
+# the NIfTI cases, RAS 12.5,-30,40 for the DICOM case).
 NIFTI_ORIGIN = (20.0, -59.0, 89.0)
 DICOM_ORIGIN = (-47.5, -9.0, 26.0)
 CENTRE_IJK = "18,20,4"
-CENTRE_RAS = "-55,20,103"
+CENTRE_RAS = "-56,19,105"  # the same voxel in RAS mm
 
 
 def blob_volume(seed: int = 0) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from console import run_medsam2
 
 from conftest import TEST_IMAGE_SIZE, TINY_21
-from console import run_medsam2
 from medsam2.models.build import save_checkpoint
 
 SHAPE = (16, 40, 36)  # k, j, i

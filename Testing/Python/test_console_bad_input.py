@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from console import run_medsam2
-from console_fixtures import CENTRE_IJK, blob_labels, one_line_error, write_nifti
+from console_fixtures import CENTRE_IJK, blob_labels, one_line_error, write_dicom, write_nifti
 
 pytest_plugins = ["console_fixtures"]  # the shared inputs of the console tests
 
@@ -30,6 +30,10 @@ def files(ct_nifti, tmp_path_factory) -> Path:
     (root / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
     raw = gzip.decompress(whole)
     (root / "truncated.nii").write_bytes(raw[: len(raw) - 500])
+    series = write_dicom(root / "truncated-series")
+    cut = sorted(series.iterdir())[3]
+    whole_file = cut.read_bytes()
+    cut.write_bytes(whole_file[: whole_file.find(b"\xe0\x7f\x10\x00")])  # a copy that stopped at the pixels
     (root / "notdicom").mkdir()
     (root / "notdicom" / "readme.txt").write_text("no images here")
     painted = np.zeros_like(blob_labels())
@@ -63,6 +67,7 @@ CLICK = ("--point-ijk", CENTRE_IJK)
         (SEGMENT + ("{f}/truncated.nii.gz",) + OUT + CLICK, 2, "truncated"),
         (SEGMENT + ("{f}/truncated.nii",) + OUT + CLICK, 2, "truncated"),
         (SEGMENT + ("{f}/notdicom",) + OUT + CLICK, 2, "not a DICOM file"),
+        (SEGMENT + ("{f}/truncated-series",) + OUT + CLICK, 2, "truncated"),
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + ("--point", "a,b,c"), 2, "three numbers"),
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + ("--box-ijk", "1,2,3"), 2, "six numbers"),
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + ("--point-ijk", "100,1,1"), 2, "outside the volume"),
@@ -109,7 +114,8 @@ def test_bad_input_is_one_line(argv, code, words, files, model_flags, tmp_path):
 def test_failed_run_leaves_an_existing_output_as_it_was_even_with_overwrite(extra, words, files, model_flags, tmp_path):
     output = tmp_path / "result.nii.gz"
     output.write_bytes(USER_DATA)
-    given = _argv(("segment", "{f}/ct.nii.gz", "-o", str(output), "--overwrite", *extra), files, tmp_path)
+    # --quiet: no progress bars on stderr, so the error is all there is
+    given = _argv(("segment", "{f}/ct.nii.gz", "-o", str(output), "--overwrite", "--quiet", *extra), files, tmp_path)
     done = run_medsam2(*given, *([] if "--checkpoint" in given else model_flags))
     assert done.returncode in (2, 3) and words in one_line_error(done)
     assert output.read_bytes() == USER_DATA

@@ -26,10 +26,20 @@ def _pil(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).convert("RGB").resize(size))[..., 0] for f in frames])
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows, cols, size", [(233, 197, 128), (96, 80, 128), (233, 197, 512), (128, 100, 128)])
-def test_matches_pil_bicubic(grey_slices, rows, cols, size):
+def test_matches_pil_bicubic(grey_slices, rows, cols, size, device):
+    frames = torch.from_numpy(grey_slices[:, :rows, :cols]).float()[:, None].to(device)
+    ours = resize_grey_levels(frames, size)[:, 0].cpu().numpy()
     frames = grey_slices[:, :rows, :cols]
-    ours = resize_grey_levels(torch.from_numpy(frames).float()[:, None], size)[:, 0].numpy()
     theirs = _pil(frames, (size, size)).astype(np.float32)
     differ = np.abs(ours - theirs)
     assert differ.max() <= 1.0, f"a pixel is {differ.max():g} grey levels off PIL"

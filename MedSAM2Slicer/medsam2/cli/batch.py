@@ -7,9 +7,18 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from medsam2.cli.common import EXIT_BATCH, Handler, ModelCache, Parser, add_model_options, emit, exit_code_for
+from medsam2.cli.common import (
+    EXIT_BATCH,
+    EXIT_INPUT,
+    Handler,
+    ModelCache,
+    Parser,
+    add_model_options,
+    emit,
+    exit_code_for,
+)
 from medsam2.cli.segment import SegmentJob, add_segment_options, segment_one
 from medsam2.errors import InvalidPromptError
 
@@ -90,10 +99,17 @@ def _row_argv(row: dict[str, Any]) -> list[str]:
     return argv
 
 
+class _RowParser(Parser):
+    """A bad row is that row's failure, with argparse's reason (not an exit and a line on stderr)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidPromptError(message)
+
+
 def run_batch(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest)
     base = args.output_dir or args.manifest.parent
-    case_parser = Parser(prog="manifest row", add_help=False)
+    case_parser = _RowParser(prog="manifest row", add_help=False)
     add_segment_options(case_parser)
     models = ModelCache()
     results: list[dict[str, Any]] = []
@@ -104,8 +120,8 @@ def run_batch(args: argparse.Namespace) -> int:
         record: dict[str, Any] = {"case": n, "input": str(row["input"]), "output": str(output)}
         try:
             case = case_parser.parse_args(_row_argv(row))
-        except (argparse.ArgumentError, SystemExit) as exc:
-            record.update(status="failed", error=f"bad manifest row: {exc}")
+        except InvalidPromptError as exc:
+            record.update(status="failed", error=f"bad manifest row: {exc}", exit_code=EXIT_INPUT)
             results.append(record)
             continue
         source = str(row["input"])

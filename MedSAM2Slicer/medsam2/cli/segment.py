@@ -154,10 +154,10 @@ def segment_one(job: SegmentJob, models: ModelCache, random_weights: bool = Fals
     from medsam2.session import SegmentationSession
 
     args = job.args
-    fmt = output_format(job.output, getattr(args, "format", None))
     if job.output.is_dir():
         example = job.output / "result.seg.nrrd"
         raise InvalidPromptError(f"output {job.output} is a folder; name a file in it, e.g. {example}")
+    fmt = output_format(job.output, getattr(args, "format", None))
     if job.output.exists() and not getattr(args, "overwrite", False):
         raise InvalidPromptError(f"{job.output} exists; pass --overwrite to replace it")
     refuse_overwriting_inputs(job.output, [("input", job.input), ("--mask", args.mask), ("--prompts", args.prompts)])
