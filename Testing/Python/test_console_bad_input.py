@@ -27,10 +27,10 @@ def files(ct_nifti, tmp_path_factory) -> Path:
     shutil.copy(ct_nifti, root / "ct.nii.gz")
     (root / "garbage.nii.gz").write_bytes(b"not an image at all")
     whole = ct_nifti.read_bytes()
-    (root / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
+    (root / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
     raw = gzip.decompress(whole)
-    (root / "truncated.nii").write_bytes(raw[: len(raw) - 500])
-    series = write_dicom(root / "truncated-series")
+    (root / "cut.nii").write_bytes(raw[: len(raw) - 500])
+    series = write_dicom(root / "cut-series")
     cut = sorted(series.iterdir())[3]
     whole_file = cut.read_bytes()
     cut.write_bytes(whole_file[: whole_file.find(b"\xe0\x7f\x10\x00")])  # a copy that stopped at the pixels
@@ -57,6 +57,7 @@ def _assert_nothing_left(folder: Path) -> None:
 SEGMENT = ("segment",)
 OUT = ("-o", "{tmp}/out.seg.nrrd")
 CLICK = ("--point-ijk", CENTRE_IJK)
+DEMO = ("demo", "--random-weights", "--resolution", "2", "--image-size", "128", "--device", "cpu")
 
 
 @pytest.mark.parametrize(
@@ -64,10 +65,10 @@ CLICK = ("--point-ijk", CENTRE_IJK)
     [
         (SEGMENT + ("{f}/missing.nii.gz",) + OUT + CLICK, 2, "does not exist"),
         (SEGMENT + ("{f}/garbage.nii.gz",) + OUT + CLICK, 2, "garbage.nii.gz"),
-        (SEGMENT + ("{f}/truncated.nii.gz",) + OUT + CLICK, 2, "truncated"),
-        (SEGMENT + ("{f}/truncated.nii",) + OUT + CLICK, 2, "truncated"),
+        (SEGMENT + ("{f}/cut.nii.gz",) + OUT + CLICK, 2, "truncated"),
+        (SEGMENT + ("{f}/cut.nii",) + OUT + CLICK, 2, "truncated"),
         (SEGMENT + ("{f}/notdicom",) + OUT + CLICK, 2, "not a DICOM file"),
-        (SEGMENT + ("{f}/truncated-series",) + OUT + CLICK, 2, "truncated"),
+        (SEGMENT + ("{f}/cut-series",) + OUT + CLICK, 2, "truncated"),
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + ("--point", "a,b,c"), 2, "three numbers"),
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + ("--box-ijk", "1,2,3"), 2, "six numbers"),
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + ("--point-ijk", "100,1,1"), 2, "outside the volume"),
@@ -80,7 +81,7 @@ CLICK = ("--point-ijk", CENTRE_IJK)
         (SEGMENT + ("{f}/ct.nii.gz",) + OUT + CLICK + ("--checkpoint", "{f}/missing.pt"), 3, "does not exist"),
         (("batch", "{f}/missing.csv"), 2, "does not exist"),
         (("batch", "{f}/prompts.json"), 2, "not valid JSON"),
-        (("demo", "--random-weights", "--output", "{f}/a-file"), 2, "is a file"),
+        (DEMO + ("--output", "{f}/a-file"), 2, "is a file"),
         (("models", "verify", "--checkpoint", "{f}/not-a-model.pt"), 3, "not-a-model.pt"),
         (("models", "verify", "no-such-model"), 3, "unknown model"),
         (("models", "download", "sam2-tiny", "--cache-dir", "{tmp}/cache"), 3, "HF_HUB_OFFLINE"),
@@ -139,7 +140,7 @@ def test_batch_bad_rows_fail_alone_and_never_touch_existing_outputs(files, model
     manifest = tmp_path / "cases.json"
     cases = [
         {"input": str(files / "ct.nii.gz"), "output": "kept.seg.nrrd", "point_ijk": [CENTRE_IJK], "overwrite": True},
-        {"input": str(files / "truncated.nii.gz"), "output": "b.seg.nrrd", "point_ijk": [CENTRE_IJK]},
+        {"input": str(files / "cut.nii.gz"), "output": "b.seg.nrrd", "point_ijk": [CENTRE_IJK]},
         {"input": str(files / "ct.nii.gz"), "output": "c.seg.nrrd", "no_such_option": "1"},
         {"input": str(files / "ct.nii.gz"), "output": "d.seg.nrrd", "point_ijk": ["100,1,1"]},
         {"input": str(files / "ct.nii.gz"), "output": "e.seg.nrrd", "point_ijk": [CENTRE_IJK]},
