@@ -1,7 +1,11 @@
 """Applying intensity settings in torch, on the compute device, slice batch by slice batch.
 
-Straight from the volume's own dtype: no JPEG round trip (the reference pipeline's 8-bit lossy step)
-and no float64 copy of the volume. Only the two clipping bounds are computed on the whole volume, once.
+Straight from the volume's own dtype: no JPEG round trip (the reference pipeline's lossy step) and no
+float64 copy of the volume. Only the two clipping bounds are computed on the whole volume, once.
+
+The slices the model sees are those of the published pipelines (MedSAM2's inference scripts, Meta's
+frame loader): intensities cut to 8-bit grey levels, then stretched to the model's square input with
+PIL's bicubic resize (resampling.resize_grey_levels), then normalised.
 """
 
 from __future__ import annotations
@@ -9,10 +13,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from medsam2.errors import InvalidVolumeError
 from medsam2.intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation
+from medsam2.resampling import resize_grey_levels
 
 # torch.kthvalue on tens of millions of voxels is slow on a CPU; percentiles of a strided subsample
 # of this many voxels differ from the exact ones by far less than one grey level.
@@ -60,11 +64,16 @@ class SlicePreparer:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         bounds: Optional[tuple[float, float]] = None,
+        eight_bit: bool = True,
     ) -> None:
         # frames: (num_slices, rows, cols) in the volume's dtype, already in frame orientation.
         self.frames = frames
         self.prep = prep
         self.image_size = image_size
+        # 8-bit by default: it is what the published models were trained on and what their reference
+        # pipelines give them; without it the masks differ from the reference's in ~1e-3 of the voxels
+        # (Testing/Python/test_parity.py's CT case), with it in 0 or 1 voxels.
+        self.eight_bit = eight_bit
         self.lower, self.upper = bounds if bounds is not None else intensity_bounds(frames, prep)
         if not self.upper > self.lower:
             raise InvalidVolumeError(f"volume has constant intensity {self.lower:g}; nothing to segment")
@@ -81,14 +90,20 @@ class SlicePreparer:
             scaled = torch.where(raw == 0, torch.zeros_like(scaled), scaled)
         return scaled
 
+    def grey_levels(self, indices: list[int]) -> torch.Tensor:
+        """(B, rows, cols) float32 grey levels in [0, 255], whole numbers when ``eight_bit``."""
+        levels = self.unit_intensity(indices) * 255.0
+        if self.eight_bit:
+            # MedSAM2 casts its rescaled slices with np.uint8, which truncates; the tolerance keeps a
+            # value that float32 puts a hair below a whole level (255 * 1.0 as 254.99998) on it.
+            levels = torch.floor(levels + 1e-3)
+        return levels
+
     def __call__(self, indices: list[int]) -> torch.Tensor:
-        img = self.unit_intensity(indices)[:, None]
+        img = self.grey_levels(indices)[:, None]
         if img.shape[-2:] != (self.image_size, self.image_size):
             # SAM2 takes a square input: the slice is stretched to it, as the reference's frame
-            # loader does, and the output masks are stretched back. Antialiasing matters when a
-            # 512 px slice goes into a smaller model.
-            img = F.interpolate(
-                img, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
-            )
-        img = img.expand(-1, 3, -1, -1)
+            # loader does, and the output masks are stretched back.
+            img = resize_grey_levels(img, self.image_size, quantize=self.eight_bit)
+        img = (img / 255.0).expand(-1, 3, -1, -1)
         return (img - self.mean) / self.std

@@ -13,6 +13,9 @@ import warnings
 import numpy as np
 import pytest
 
+# the console tests share their inputs through this plugin module; its asserts report like a test's
+pytest.register_assert_rewrite("console_fixtures")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 # sam2 warns once per process that its CUDA hole-filling extension is absent on CPU-only builds.
 warnings.filterwarnings("ignore", message=".*cannot import name '_C' from 'sam2'.*")

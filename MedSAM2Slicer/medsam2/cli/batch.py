@@ -7,17 +7,27 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from medsam2.cli.common import EXIT_BATCH, Handler, ModelCache, Parser, add_model_options, emit, exit_code_for
+from medsam2.cli.common import (
+    EXIT_BATCH,
+    EXIT_INPUT,
+    Handler,
+    ModelCache,
+    Parser,
+    add_model_options,
+    emit,
+    exit_code_for,
+)
 from medsam2.cli.segment import SegmentJob, add_segment_options, segment_one
 from medsam2.errors import InvalidPromptError
 
 MANIFEST_HELP = """\
 A manifest lists one case per row: a CSV file with a header line, or a JSON list of objects (or
 {"cases": [...]}). Every row needs 'input' (a volume file, DICOM folder or DICOMweb URL) and 'output'
-(.seg.nrrd, .nii.gz, .nrrd or .dcm; relative paths are placed in --output-dir, default next to the
-manifest). Every other column is a 'medsam2 segment' option without its leading dashes ('point',
+(.seg.nrrd, .nii.gz, .nrrd or .dcm). Relative input, mask and prompts paths are read from the
+manifest's folder; relative outputs are placed in --output-dir (default: the manifest's folder).
+Every other column is a 'medsam2 segment' option without its leading dashes ('point',
 'negative_point', 'box', 'prompts', 'mask', 'label', 'preset', 'window', 'axis', 'slices',
 'direction', 'stop_when_absent', 'largest_component', 'model', 'checkpoint', ...); in a CSV, several
 values of a repeatable option are separated by ';' and a flag is 'true'. Empty cells are ignored.
@@ -89,10 +99,17 @@ def _row_argv(row: dict[str, Any]) -> list[str]:
     return argv
 
 
+class _RowParser(Parser):
+    """A bad row is that row's failure, with argparse's reason (not an exit and a line on stderr)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidPromptError(message)
+
+
 def run_batch(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest)
     base = args.output_dir or args.manifest.parent
-    case_parser = Parser(prog="manifest row", add_help=False)
+    case_parser = _RowParser(prog="manifest row", add_help=False)
     add_segment_options(case_parser)
     models = ModelCache()
     results: list[dict[str, Any]] = []
@@ -103,10 +120,17 @@ def run_batch(args: argparse.Namespace) -> int:
         record: dict[str, Any] = {"case": n, "input": str(row["input"]), "output": str(output)}
         try:
             case = case_parser.parse_args(_row_argv(row))
-        except (argparse.ArgumentError, SystemExit) as exc:
-            record.update(status="failed", error=f"bad manifest row: {exc}")
+        except InvalidPromptError as exc:
+            record.update(status="failed", error=f"bad manifest row: {exc}", exit_code=EXIT_INPUT)
             results.append(record)
             continue
+        source = str(row["input"])
+        if "://" not in source and not Path(source).is_absolute():
+            source = str(args.manifest.parent / source)  # where the manifest says, wherever it is run from
+        for key in ("mask", "prompts"):
+            given = getattr(case, key, None)
+            if given is not None and not given.is_absolute():
+                setattr(case, key, args.manifest.parent / given)
         for key in ("model", "checkpoint", "config", "image_size", "device", "memory_budget"):
             if getattr(case, key, None) is None:
                 setattr(case, key, getattr(args, key))
@@ -116,7 +140,7 @@ def run_batch(args: argparse.Namespace) -> int:
         else:
             try:
                 output.parent.mkdir(parents=True, exist_ok=True)
-                record.update(status="done", **segment_one(SegmentJob(str(row["input"]), output, case), models))
+                record.update(status="done", **segment_one(SegmentJob(source, output, case), models))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one case's failure never stops the others

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medsam2.cli.common import EXIT_MODEL, Handler, Progress, add_model_options, emit, load_model_for
-from medsam2.errors import ModelError
+from medsam2.errors import InvalidPromptError, ModelError
 from medsam2.intensity import IntensityPreparation
 
 
@@ -41,6 +41,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from medsam2.io.montage import overlay_montage
     from medsam2.session import SegmentationSession
 
+    if args.output.exists() and not args.output.is_dir():  # found now, not after the propagation
+        raise InvalidPromptError(f"--output {args.output} is a file; the demo writes into a folder")
     img = datasets.load_mni152_template(resolution=args.resolution)
     volume = np.asarray(img.get_fdata(), dtype=np.float32).transpose(2, 1, 0)  # (x,y,z) -> [k, j, i]
     affine = np.asarray(img.affine, dtype=float)

@@ -4,6 +4,7 @@ segmented and written) are also what ``medsam2 batch`` runs for each row of its 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,14 +139,28 @@ def collect_prompts(args: argparse.Namespace, geometry: Any, layout: Any) -> dic
     return objects
 
 
+def refuse_overwriting_inputs(output: Path, sources: list[tuple[str, Any]]) -> None:
+    """--overwrite replaces an earlier result, never a file the run reads (``-o`` given the input's
+    name by mistake would otherwise replace the scan with its label map)."""
+    if not output.exists():
+        return
+    for what, source in sources:
+        if source and "://" not in str(source) and Path(source).exists() and os.path.samefile(output, source):
+            raise InvalidPromptError(f"output {output} is the {what} file; write the result to another file")
+
+
 def segment_one(job: SegmentJob, models: ModelCache, random_weights: bool = False) -> dict[str, Any]:
     from medsam2.cli.inputs import load_input, write_output
     from medsam2.session import SegmentationSession
 
     args = job.args
+    if job.output.is_dir():
+        example = job.output / "result.seg.nrrd"
+        raise InvalidPromptError(f"output {job.output} is a folder; name a file in it, e.g. {example}")
     fmt = output_format(job.output, getattr(args, "format", None))
     if job.output.exists() and not getattr(args, "overwrite", False):
         raise InvalidPromptError(f"{job.output} exists; pass --overwrite to replace it")
+    refuse_overwriting_inputs(job.output, [("input", job.input), ("--mask", args.mask), ("--prompts", args.prompts)])
     if not job.output.parent.is_dir():
         raise InvalidPromptError(f"output folder {job.output.parent} does not exist")
     has_prompts = any(getattr(args, k, None) for k in ("point", "point_ijk", "box", "box_ijk", "prompts", "mask"))

@@ -264,6 +264,10 @@ def _select_series(
         )
     if others:
         p, ds = others[0]
+        if "PixelData" not in ds and str(ds.get("SOPClassUID", "")) not in _NON_IMAGE_SOP_CLASSES:
+            # an image object that stops before its pixels: a copy that ended early
+            what = _a(_sop_name(ds))
+            raise InvalidVolumeError(f"{p} is {what} file without its pixel data (truncated?); copy it again")
         raise InvalidVolumeError(
             f"{p} is {_a(_sop_name(ds))} object, not an image of the series; remove it from the folder "
             f"or pass series_uid={series[0].series_instance_uid}"

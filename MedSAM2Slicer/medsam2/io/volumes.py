@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from medsam2.errors import InvalidVolumeError
 from medsam2.geometry import VolumeGeometry
 from medsam2.io.atomic import atomic_output
+from medsam2.io.integrity import check_nifti_complete
 from medsam2.io.segments import Segment
 
 PathLike = Union[str, os.PathLike[str]]
@@ -45,6 +46,7 @@ def read_volume(path: PathLike, channel: Optional[int] = None) -> tuple[np.ndarr
 
         series = read_dicom_series(p)
         return series.array, series.geometry
+    check_nifti_complete(p)  # ITK reads a NIfTI that ends early without a word
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
