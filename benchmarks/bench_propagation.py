@@ -106,6 +106,15 @@ def prompts(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report
+    # its parent's peak (the parent that built the weights) when its own is lower.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -257,9 +266,9 @@ def run_reference(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> di
     timer = StageTimer(device)
     masks = np.zeros(volume.shape, np.uint8)
 
-    def propagate_both(state: dict[str, Any]) -> None:
+    def propagate_both(state: dict[str, Any], start: Any = None) -> None:
         for reverse in (False, True):
-            for frame, _ids, logits in predictor.propagate_in_video(state, reverse=reverse):
+            for frame, _ids, logits in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
                 masks[frame] = (logits[0, 0] > 0).cpu().numpy()
 
     def click(state: dict[str, Any], obj: int, point: list[float], label: int) -> None:
@@ -290,7 +299,10 @@ def run_reference(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> di
             propagate_both(state)
     with timer.stage("second_object"):
         click(state, 2, clicks["second_object"], 1)
-        propagate_both(state)
+        # From the new object's slice: started from the earliest prompted slice of any object,
+        # sam2 tracks the new object on slices before its own prompt with no memory but that
+        # prompt's bf16 features, which fails on a CPU without autocast (dtype mismatch).
+        propagate_both(state, start=int(clicks["second_object"][2]))
     times = dict(timer.totals)
     # the reference has one kind of correction: it re-runs everything
     times["correction_full"] = times["correction_local"] = times.pop("correction")

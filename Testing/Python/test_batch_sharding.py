@@ -83,12 +83,10 @@ def test_device_for_rank():
 
 
 def test_the_next_case_is_opened_ahead(ct_file, checkpoint, tmp_path):
-    from medsam2.cli.common import add_model_options
     from medsam2.cli.segment import add_segment_options
 
     parser = argparse.ArgumentParser()
-    add_segment_options(parser)
-    add_model_options(parser)
+    add_segment_options(parser)  # a manifest row's options, the model's among them
     args = parser.parse_args(["--point-ijk", "20,22,1", *model_args(checkpoint)])
     opener = CaseOpener(ModelCache())
     job = SegmentJob(str(ct_file), tmp_path / "a.nii.gz", args)

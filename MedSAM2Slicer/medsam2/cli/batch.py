@@ -1,5 +1,7 @@
 """``medsam2 batch MANIFEST``: many volumes and their prompts, one row per case; resumable (a case whose
-output exists is skipped) and one failing case never stops the others (exit 5 names them)."""
+output exists is skipped) and one failing case never stops the others (exit 5 names them). The next
+case is opened (and on a GPU encoded) while the current one propagates; under torchrun the processes
+share the manifest (batch_workers.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ Example (cases.csv; a point is R,A,S in millimetres, so it is quoted):
   dicom/case3/,case3.dcm,"12.5,-30,40",,lesion
 The same as JSON: [{"input": "ct/case1.nii.gz", "output": "case1.seg.nrrd", "point": ["-60,20,110"],
 "preset": "abdomen", "label": "liver"}, ...]
+
+Several GPUs: torchrun --nproc_per_node N -m medsam2.cli batch MANIFEST ... gives each process every
+N-th case on its own GPU; rank 0 prints the summary of all cases.
 """
 
 
