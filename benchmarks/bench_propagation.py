@@ -140,13 +140,16 @@ def run_engine(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> dict[
         cold.add_points(1, [clicks["positive"]], [1])
         cold.propagate()
     # correction_local on the cold session (the default after a first run)
+    recomputed = []
     with timer.stage("correction_local"):
         cold.add_points(1, [clicks["negative"]], [0])
-        local = cold.propagate().masks[1].copy()
+        result = cold.propagate()
+        local = result.masks[1].copy()
+    recomputed.append(len(result.recomputed[1]))
     with timer.stage("corrections_3"):
         for point in clicks["more_negatives"]:
             cold.add_points(1, [point], [0])
-            cold.propagate()
+            recomputed.append(len(cold.propagate().recomputed[1]))
     with timer.stage("second_object"):
         cold.add_points(2, [clicks["second_object"]], [1])
         cold.propagate()
@@ -163,6 +166,7 @@ def run_engine(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> dict[
         warm.add_points(1, [clicks["negative"]], [0])
         full = warm.propagate(mode="full").masks[1]
     out["times"] = timer.totals
+    out["recomputed_slices"] = recomputed  # per local correction (the first, then the three)
     out["local_vs_full_dice_this_model"] = dice(local, full)
     out["peak_memory_mb"] = peak_memory_mb(device)
     out["encoded_slices"] = cold.cache_stats.encoded + warm.cache_stats.encoded
@@ -387,6 +391,7 @@ def main() -> None:
     result["local_vs_full_dice_random_weights"] = round(eng["local_vs_full_dice_this_model"], 4)
     result["peak_memory_mb"] = {"reference": round(ref["peak_memory_mb"]), "engine": round(eng["peak_memory_mb"])}
     result["background_encoding_s"] = round(eng["times"]["background_encoding"], 3)
+    result["local_recomputed_slices"] = eng["recomputed_slices"]
     result["device"] = args.device if not cuda else f"{args.device} ({torch.cuda.get_device_name(0)})"
     result["model"] = args.model
     result["image_size"] = args.image_size
