@@ -56,7 +56,7 @@ def testConnection(settings: ServerSettings) -> str:
     """One line describing the server (its model and device), or a RemoteError with one line.
     Blocking: call it from the worker thread."""
     settings.check()
-    from medsam2.remote.client import ServerConnection
+    from medsam2.remote.connection import ServerConnection
 
     connection = ServerConnection(settings.url, settings.token, timeout=10.0, ca_file=settings.caFile or None)
     connection.health()

@@ -47,6 +47,9 @@ class PropagationResult:
     propagated: dict[int, tuple[int, int]]  # first and last slice each object's run covered
     object_scores: dict[int, np.ndarray]  # SAM2 object-score logit per slice (NaN where not visited)
     stopped_early: dict[int, list[str]] = field(default_factory=dict)  # directions ended by absence
+    # Slices each object's run recomputed (all it visited in a full run; a local correction's
+    # stretch around the changed slices; none for an object left unchanged). Empty when not reported.
+    recomputed: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Session(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 
@@ -82,3 +82,20 @@ def available_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def enable_fast_math(device: torch.device) -> bool:
+    """TF32 for float32 matmuls and convolutions on CUDA (what Meta's own benchmark runs with); the
+    few float32 ops left under bf16 autocast then use tensor cores too. No effect elsewhere: the CPU
+    stays bit-compatible with the reference. Returns whether it was switched on."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def cached_feature_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype slice features are cached in: bf16 on CUDA (matching its autocast), as computed
+    elsewhere (float32)."""
+    return torch.bfloat16 if device.type == "cuda" else None

@@ -64,6 +64,7 @@ class EngineVideoPredictor(SAM2VideoPredictor):
             "prepare_frames": prepare,
             "feature_cache": feature_cache,
             "prefetch_plan": None,
+            "feature_dtype": None,  # dtype cached features are stored in (None: as computed)
         }
         return state
 
@@ -77,6 +78,12 @@ class EngineVideoPredictor(SAM2VideoPredictor):
             # Positional encodings depend only on the feature-map size: one copy per session.
             cache.pos_enc = [p[:1].clone() for p in backbone_out["vision_pos_enc"]]
         levels = backbone_out["backbone_fpn"]
+        dtype: Optional[torch.dtype] = state.get("feature_dtype")
+        if dtype is not None:
+            # Under bf16 autocast the two projected high-resolution levels come out in bf16 but the
+            # neck's top-down level stays float32 (its interpolation runs in float32): one dtype
+            # for every level halves that level's memory and its later reads.
+            levels = [lvl.to(dtype) for lvl in levels]
         for b, index in enumerate(indices):
             # clone: a view would keep the whole batch alive even where the cache holds one slice
             feats = [lvl[b : b + 1].clone() if len(indices) > 1 else lvl for lvl in levels]
@@ -125,6 +132,85 @@ class EngineVideoPredictor(SAM2VideoPredictor):
         """One object on one slice, exactly as ``propagate_in_video`` does it: a prompted slice returns
         its conditioning output, any other is tracked from memory and stored for later slices.
         Returns the mask logits at the slice's size and the object-score logit."""
+        logits, score = self.track_slice_tensors(state, object_id, frame, reverse)
+        return logits, float(score)
+
+    def forget_tracked_slice(self, state: dict[str, Any], object_id: int, frame: int) -> None:
+        """Drop a tracked (not prompted) slice's output, so no stale memory from an earlier run is
+        consulted for it."""
+        idx = self.object_index(state, object_id)
+        if frame not in state["output_dict_per_obj"][idx]["cond_frame_outputs"]:
+            state["output_dict_per_obj"][idx]["non_cond_frame_outputs"].pop(frame, None)
+            state["frames_tracked_per_obj"][idx].pop(frame, None)
+
+    # ------------------------------------------------------------------ several objects in one call
+    def _memory_window(self) -> int:
+        """How far (in slices) tracking one slice looks back for non-prompted memories and pointers."""
+        stride = max(1, int(getattr(self, "memory_temporal_stride_for_eval", 1)))
+        return max(self.num_maskmem * stride, int(getattr(self, "max_obj_ptrs_in_encoder", 16))) + 1
+
+    def batch_key(self, state: dict[str, Any], object_id: int, frame: int) -> tuple[Any, ...]:
+        """Objects with equal keys see the same memory layout on ``frame`` (the same prompted slices,
+        the same tracked slices around it), so sam2 can track them as one batch: every tensor of the
+        batch then goes through the same ops in the same order as it would alone."""
+        out_dict = state["output_dict_per_obj"][self.object_index(state, object_id)]
+        window = self._memory_window()
+        near = tuple(sorted(t for t in out_dict["non_cond_frame_outputs"] if abs(t - frame) <= window))
+        return tuple(sorted(out_dict["cond_frame_outputs"])), near
+
+    def track_slices(
+        self, state: dict[str, Any], object_ids: list[int], frame: int, reverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several objects, none prompted on ``frame`` and all with the same :meth:`batch_key`,
+        tracked on one slice in one batched call. Returns mask logits (N, H, W) at the slice's size
+        and object-score logits (N,), both still on the device (no host synchronisation)."""
+        if len(object_ids) == 1:
+            logits, score = self.track_slice_tensors(state, object_ids[0], frame, reverse)
+            return logits[None], score.reshape(1)
+        idxs = [self.object_index(state, o) for o in object_ids]
+        dicts = [state["output_dict_per_obj"][i] for i in idxs]
+        window = self._memory_window()
+        merged: dict[str, dict[int, dict[str, Any]]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        for key in merged:
+            frames = [t for t in dicts[0][key] if key == "cond_frame_outputs" or abs(t - frame) <= window]
+            for t in frames:
+                outs = [d[key][t] for d in dicts]
+                merged[key][t] = {
+                    "maskmem_features": torch.cat([o["maskmem_features"] for o in outs]),
+                    "maskmem_pos_enc": [
+                        torch.cat([o["maskmem_pos_enc"][lvl] for o in outs])
+                        for lvl in range(len(outs[0]["maskmem_pos_enc"]))
+                    ],
+                    "obj_ptr": torch.cat([o["obj_ptr"] for o in outs]),
+                    "object_score_logits": torch.cat([o["object_score_logits"] for o in outs]),
+                }
+        current, pred_masks = self._run_single_frame_inference(
+            inference_state=state,
+            output_dict=merged,
+            frame_idx=frame,
+            batch_size=len(object_ids),
+            is_init_cond_frame=False,
+            point_inputs=None,
+            mask_inputs=None,
+            reverse=reverse,
+            run_mem_encoder=True,
+        )
+        for b, (idx, out_dict) in enumerate(zip(idxs, dicts)):
+            out_dict["non_cond_frame_outputs"][frame] = {
+                "maskmem_features": current["maskmem_features"][b : b + 1],
+                "maskmem_pos_enc": [p[b : b + 1] for p in current["maskmem_pos_enc"]],
+                "pred_masks": current["pred_masks"][b : b + 1],
+                "obj_ptr": current["obj_ptr"][b : b + 1],
+                "object_score_logits": current["object_score_logits"][b : b + 1],
+            }
+            state["frames_tracked_per_obj"][idx][frame] = {"reverse": reverse}
+        _, video_res = self._get_orig_video_res_output(state, pred_masks)
+        return video_res[:, 0], current["object_score_logits"].reshape(-1)
+
+    def track_slice_tensors(
+        self, state: dict[str, Any], object_id: int, frame: int, reverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`track_slice` without the host synchronisation of reading the score."""
         idx = self.object_index(state, object_id)
         out_dict = state["output_dict_per_obj"][idx]
         if frame in out_dict["cond_frame_outputs"]:
@@ -145,12 +231,25 @@ class EngineVideoPredictor(SAM2VideoPredictor):
             out_dict["non_cond_frame_outputs"][frame] = current
         state["frames_tracked_per_obj"][idx][frame] = {"reverse": reverse}
         _, video_res = self._get_orig_video_res_output(state, pred_masks)
-        return video_res[0, 0], float(current["object_score_logits"].reshape(-1)[0])
+        return video_res[0, 0], current["object_score_logits"].reshape(-1)[0]
 
-    def forget_tracked_slice(self, state: dict[str, Any], object_id: int, frame: int) -> None:
-        """Drop a tracked (not prompted) slice's output, so no stale memory from an earlier run is
-        consulted for it."""
-        idx = self.object_index(state, object_id)
-        if frame not in state["output_dict_per_obj"][idx]["cond_frame_outputs"]:
-            state["output_dict_per_obj"][idx]["non_cond_frame_outputs"].pop(frame, None)
-            state["frames_tracked_per_obj"][idx].pop(frame, None)
+    # ------------------------------------------------------------------ opt-in compiled path
+    def enable_compiled(self, mode: str = "max-autotune") -> None:
+        """Compile memory attention, the memory encoder, the prompt encoder and the mask decoder with
+        torch.compile, as sam2's ``vos_optimized`` predictor (SAM2VideoPredictorVOS) does, and use
+        its compile-friendly head and memory code. Opt-in: the first slices are slow while kernels
+        compile, and results differ from the eager path by bf16 rounding (see the README)."""
+        from sam2.sam2_video_predictor import SAM2VideoPredictorVOS
+
+        if isinstance(self, SAM2VideoPredictorVOS):
+            return
+        # A class with the engine's methods first and VOS's compile-friendly overrides after them.
+        self.__class__ = type("CompiledEngineVideoPredictor", (type(self), SAM2VideoPredictorVOS), {})
+        for name, dynamic in (
+            ("memory_encoder", False),
+            ("memory_attention", True),  # the number of memories varies from slice to slice
+            ("sam_prompt_encoder", False),
+            ("sam_mask_decoder", False),
+        ):
+            module = getattr(self, name)
+            module.forward = torch.compile(module.forward, mode=mode, fullgraph=True, dynamic=dynamic)

@@ -14,8 +14,11 @@ from RAS/LPS millimetres)::
 
 from __future__ import annotations
 
+import itertools
+import threading
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,13 +34,25 @@ from medsam2.api import (
     SlicePreview,
     cancel_check,
 )
-from medsam2.devices import autocast, available_memory_bytes
+from medsam2.background import BackgroundEncoding, outward_order
+from medsam2.devices import autocast, available_memory_bytes, cached_feature_dtype, enable_fast_math
 from medsam2.errors import InvalidPromptError, MemoryBudgetError, PropagationCancelled
 from medsam2.features import CacheStats, SliceFeatureCache
 from medsam2.geometry import SliceLayout, VolumeGeometry
 from medsam2.intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, parse_intensity
 from medsam2.predictor import EngineVideoPredictor
 from medsam2.preparation import SlicePreparer
+from medsam2.propagation_plan import (
+    LOCAL_AGREEING_SLICES,
+    LOCAL_IOU,
+    MODES,
+    FrameSink,
+    ObjectPass,
+    RunBook,
+    changed_slices,
+    mask_iou,
+    outward_passes,
+)
 from medsam2.volume import as_3d, device_bytes, frames_to_device
 
 if TYPE_CHECKING:
@@ -49,6 +64,20 @@ class _SlicePrompts:
     points: list[tuple[float, float]] = field(default_factory=list)  # frame pixels (x=col, y=row)
     labels: list[int] = field(default_factory=list)  # 1 positive, 0 negative
     box: Optional[tuple[float, float, float, float]] = None  # frame pixels x0, y0, x1, y1
+
+
+# Kept beside the predictors rather than on them, so a predictor can still be deep-copied.
+_LOCKS: weakref.WeakKeyDictionary[object, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCK_CREATION = threading.Lock()
+
+
+def model_lock(predictor: object) -> threading.RLock:
+    """The one re-entrant lock of a predictor, shared by every session that uses it."""
+    with _LOCK_CREATION:
+        lock = _LOCKS.get(predictor)
+        if lock is None:
+            lock = _LOCKS[predictor] = threading.RLock()
+        return lock
 
 
 class SegmentationSession:
@@ -64,6 +93,7 @@ class SegmentationSession:
         encode_batch_size: Optional[int] = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        batch_objects: Optional[bool] = None,
     ) -> None:
         self.predictor = predictor
         self.device = torch.device(predictor.device)
@@ -102,9 +132,30 @@ class SegmentationSession:
             frame_width=self.frame_shape[1],
             feature_cache=self.feature_cache,
         )
+        self._state["feature_dtype"] = cached_feature_dtype(self.device)
+        enable_fast_math(self.device)
         self._prompts: dict[int, dict[int, _SlicePrompts]] = {}
         self._masks: dict[int, np.ndarray] = {}
         self._probabilities: dict[int, np.ndarray] = {}
+        # sam2's modules are not thread-safe: every model call (prompts, a propagation's slice,
+        # a batch of background encoding) holds the predictor's lock, shared by all sessions on it.
+        self._model_lock = model_lock(predictor)
+        self._background: Optional[BackgroundEncoding] = None
+        # Objects tracked with the same memory layout can go through sam2 as one batch. Default on
+        # CUDA only: a batch changes floating-point summation order, which on a CPU flips a few
+        # voxels in a thousand (Testing/Python/test_engine_speed_paths.py) and would break the
+        # CPU's exact parity with the reference; on CUDA bf16 already rounds differently.
+        self.batch_objects = self.device.type == "cuda" if batch_objects is None else batch_objects
+        # Mask logits are copied to the host in chunks of this many slices: on a GPU a copy per
+        # slice would stall the device queue each time; on a CPU there is nothing to wait for.
+        self.copy_chunk = 16 if self.device.type == "cuda" else 1
+        # What changed since each object's last run, for local corrections: a revision number per
+        # prompted slice, and the revisions the last completed run saw.
+        self._revision = itertools.count(1)
+        self._prompt_revisions: dict[int, dict[int, int]] = {}
+        self._run_revisions: dict[int, dict[int, int]] = {}
+        self._covered: dict[int, tuple[int, int]] = {}
+        self._runs = 0
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -221,7 +272,8 @@ class SegmentationSession:
         frame_mask = self.layout.to_frame(mask)
         obj_idx = self._object_index(object_id)
         self._prompts.setdefault(int(object_id), {}).pop(slice_index, None)
-        with torch.inference_mode(), autocast(self.device):
+        self._touch(object_id, slice_index)
+        with self._model_lock, torch.inference_mode(), autocast(self.device):
             _, _, video_res = self.predictor.add_new_mask(
                 self._state, slice_index, int(object_id), torch.from_numpy(np.ascontiguousarray(frame_mask != 0))
             )
@@ -249,36 +301,53 @@ class SegmentationSession:
         if int(object_id) not in self._state["obj_id_to_idx"]:
             raise InvalidPromptError(f"unknown object id {object_id}")
         self._prompts.get(int(object_id), {}).pop(int(slice_index), None)
-        self.predictor.clear_all_prompts_in_frame(self._state, int(slice_index), int(object_id), need_output=False)
+        self._touch(object_id, slice_index)
+        with self._model_lock:
+            self.predictor.clear_all_prompts_in_frame(
+                self._state, int(slice_index), int(object_id), need_output=False
+            )
 
     def remove_object(self, object_id: int) -> None:
         if int(object_id) not in self._state["obj_id_to_idx"]:
             raise InvalidPromptError(f"unknown object id {object_id}")
-        self.predictor.remove_object(self._state, int(object_id), need_output=False)
+        with self._model_lock:
+            self.predictor.remove_object(self._state, int(object_id), need_output=False)
         self._prompts.pop(int(object_id), None)
         self._masks.pop(int(object_id), None)
         self._probabilities.pop(int(object_id), None)
+        for book in (self._prompt_revisions, self._run_revisions, self._covered):
+            book.pop(int(object_id), None)
 
     def reset(self) -> None:
         """Forget all prompts and results; cached slice features are kept."""
-        self.predictor.reset_state(self._state)
+        with self._model_lock:
+            self.predictor.reset_state(self._state)
         self._prompts.clear()
         self._masks.clear()
         self._probabilities.clear()
+        for book in (self._prompt_revisions, self._run_revisions, self._covered):
+            book.clear()
+        self._runs = 0
 
     def close(self) -> None:
         """Release the cached slice features now (device memory) rather than when the session is
         garbage-collected; the session can still be used, re-encoding slices as needed."""
-        self.feature_cache.clear()
+        self.stop_background_encoding()
+        with self._model_lock:
+            self.feature_cache.clear()
 
     def _was_tracked(self, object_id: int, slice_index: int) -> bool:
         return self.predictor.was_tracked(self._state, int(object_id), slice_index)
+
+    def _touch(self, object_id: int, slice_index: int) -> None:
+        self._prompt_revisions.setdefault(int(object_id), {})[int(slice_index)] = next(self._revision)
 
     def _submit_points(self, object_id: int, slice_index: int, prompts: _SlicePrompts) -> SlicePreview:
         obj_idx = self._object_index(object_id)
         points = np.asarray(prompts.points, dtype=np.float32).reshape(-1, 2)
         labels = np.asarray(prompts.labels, dtype=np.int32)
-        with torch.inference_mode(), autocast(self.device):
+        self._touch(object_id, slice_index)
+        with self._model_lock, torch.inference_mode(), autocast(self.device):
             # The slice's whole prompt set is sent each time (box first, as SAM2 requires).
             _, _, video_res = self.predictor.add_new_points_or_box(
                 self._state,
@@ -305,11 +374,48 @@ class SegmentationSession:
     def precompute_features(self, progress: Optional[ProgressCallback] = None) -> None:
         """Encode every slice now (e.g. while the user is still looking for the first click)."""
         todo = [i for i in range(self.num_slices) if i not in self.feature_cache]
-        with torch.inference_mode(), autocast(self.device):
-            for start in range(0, len(todo), self.encode_batch_size):
-                self.predictor.encode_frames(self._state, todo[start : start + self.encode_batch_size])
-                if progress:
-                    progress(min(start + self.encode_batch_size, len(todo)), len(todo))
+        for start in range(0, len(todo), self.encode_batch_size):
+            self._encode_batch(todo[start : start + self.encode_batch_size])
+            if progress:
+                progress(min(start + self.encode_batch_size, len(todo)), len(todo))
+
+    def _encode_batch(self, indices: list[int]) -> bool:
+        """Encode the slices of ``indices`` not cached yet, under the model lock; False when the
+        feature budget is full (they were encoded but not all could be kept)."""
+        with self._model_lock, torch.inference_mode(), autocast(self.device):
+            todo = [i for i in indices if i not in self.feature_cache]
+            if not todo:
+                return True
+            before = self.feature_cache.stats.not_admitted
+            self.predictor.encode_frames(self._state, todo)
+            return self.feature_cache.stats.not_admitted == before
+
+    def start_background_encoding(
+        self, from_slice: Optional[int] = None, progress: Optional[ProgressCallback] = None
+    ) -> BackgroundEncoding:
+        """Encode slices in a background thread, outward from ``from_slice`` (default: the middle),
+        until all are cached, the feature budget is full, or it is cancelled. Prompts, previews and
+        propagation may run meanwhile: they wait at most one batch, and encode a slice they need
+        themselves. Starting again cancels the previous run. ``progress(done, total)`` is called
+        from the thread."""
+        self.stop_background_encoding()
+        start = self.num_slices // 2 if from_slice is None else int(from_slice)
+        if not 0 <= start < self.num_slices:
+            raise InvalidPromptError(f"slice {start} is outside the volume (0..{self.num_slices - 1})")
+        self._background = BackgroundEncoding(
+            outward_order(start, self.num_slices),
+            pending=lambda i: i not in self.feature_cache,
+            encode_batch=self._encode_batch,
+            batch_size=self.encode_batch_size,
+            progress=progress,
+        )
+        return self._background
+
+    def stop_background_encoding(self) -> None:
+        """Cancel the background encoding, if any, and wait for its batch in progress."""
+        if self._background is not None:
+            self._background.cancel(wait=True)
+            self._background = None
 
     def propagate(
         self,
@@ -322,6 +428,7 @@ class SegmentationSession:
         cancel: Optional[CancelCheck] = None,
         probabilities: bool = False,
         largest_component: bool = False,
+        mode: Optional[str] = None,
     ) -> PropagationResult:
         """Propagate each object through the volume from its prompted slices.
 
@@ -338,9 +445,17 @@ class SegmentationSession:
         ``cancel`` fires; it is checked before every slice. ``largest_component`` keeps only each
         object's largest 3D connected component (MedSAM2's post-processing), removing islands only
         inside the slices this run covered.
+
+        ``mode``: ``full`` re-runs every selected object through the range; ``local`` (the default
+        after the session's first run, with ``direction="both"`` and no ``slice_range``) re-runs only
+        objects whose prompts changed, from each changed slice outward until the masks agree with
+        the previous run's (see :mod:`medsam2.propagation_plan`). An object never propagated before
+        is always run in full. ``result.recomputed`` lists the slices each object's run recomputed.
         """
         if direction not in DIRECTIONS:
             raise InvalidPromptError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        if mode is not None and mode not in MODES:
+            raise InvalidPromptError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if stop_when_absent is not None and stop_when_absent < 1:
             raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {stop_when_absent}")
         lo, hi = self._check_range(slice_range)
@@ -351,11 +466,15 @@ class SegmentationSession:
             if o not in self._state["obj_id_to_idx"]:
                 raise InvalidPromptError(f"unknown object id {o}")
         is_cancelled = cancel_check(cancel)
+        if mode is None:
+            mode = "local" if self._runs > 0 else "full"
+        local = mode == "local" and direction == "both" and slice_range is None
 
         predictor, state = self.predictor, self._state
         with torch.inference_mode(), autocast(self.device):
             try:
-                predictor.propagate_in_video_preflight(state)
+                with self._model_lock:
+                    predictor.propagate_in_video_preflight(state)
             except RuntimeError as exc:  # an object whose prompts were all cleared: sam2's own message
                 raise InvalidPromptError(f"{exc}; or remove that object") from None
             prompted: dict[int, set[int]] = {}
@@ -364,78 +483,200 @@ class SegmentationSession:
                 if not cond:
                     raise InvalidPromptError(f"object {o} has no prompt between slices {lo} and {hi}")
                 prompted[o] = set(cond)
-            # Where each pass starts per object: forward from the first prompted slice; backward from
-            # the first too when the forward pass has covered the rest, else from the last.
-            start_forward = {o: min(prompted[o]) for o in selected}
-            start_backward = {o: min(prompted[o]) if direction == "both" else max(prompted[o]) for o in selected}
-            starts = {o: start_forward[o] if direction != "backward" else start_backward[o] for o in selected}
-            passes: list[tuple[bool, list[int]]] = []
-            if direction in ("both", "forward"):
-                passes.append((False, list(range(min(start_forward.values()), hi + 1))))
-            if direction in ("both", "backward"):
-                passes.append((True, list(range(max(start_backward.values()), lo - 1, -1))))
-            total = sum(len(frames) for _, frames in passes)
 
-            new_masks = {o: self._masks.get(o, np.zeros(self.shape, np.uint8)).copy() for o in selected}
-            new_probs = (
-                {o: self._probabilities.get(o, np.zeros(self.shape, np.float32)).copy() for o in selected}
+            # Which objects run, and how: in full (never run before, or mode full) or locally from
+            # their changed slices; unchanged objects keep their previous result in local mode.
+            full_objs: list[int] = []
+            local_changes: dict[int, list[int]] = {}
+            for o in selected:
+                if not local or o not in self._masks or o not in self._run_revisions:
+                    full_objs.append(o)
+                    continue
+                changed = changed_slices(self._prompt_revisions.get(o, {}), self._run_revisions[o])
+                if changed:
+                    local_changes[o] = changed
+
+            # Each pass: (reverse, frames in visiting order, {object: where it joins}, local).
+            passes: list[tuple[bool, list[int], dict[int, int], bool]] = []
+            if full_objs:
+                start_forward = {o: min(prompted[o]) for o in full_objs}
+                start_backward = {
+                    o: min(prompted[o]) if direction == "both" else max(prompted[o]) for o in full_objs
+                }
+                if direction in ("both", "forward"):
+                    first = min(start_forward.values())
+                    passes.append((False, list(range(first, hi + 1)), start_forward, False))
+                if direction in ("both", "backward"):
+                    first = max(start_backward.values())
+                    passes.append((True, list(range(first, lo - 1, -1)), start_backward, False))
+            for o, changed in local_changes.items():
+                for reverse, begin in outward_passes(changed, prompted[o]):
+                    if 0 <= begin < self.num_slices:
+                        frames = list(range(begin, lo - 1, -1)) if reverse else list(range(begin, hi + 1))
+                        passes.append((reverse, frames, {o: begin}, True))
+
+            ran = full_objs + list(local_changes)
+            book = RunBook(
+                masks={o: self._masks.get(o, np.zeros(self.shape, np.uint8)).copy() for o in ran},
+                probs={o: self._probabilities.get(o, np.zeros(self.shape, np.float32)).copy() for o in ran}
                 if probabilities
-                else None
+                else None,
+                scores={o: np.full(self.num_slices, np.nan, dtype=np.float32) for o in selected},
+                recomputed={o: set() for o in selected},
+                tracked={o: set() for o in selected},
+                stopped={o: [] for o in selected},
+                total=sum(len(frames) for _, frames, _, _ in passes),
             )
-            scores = {o: np.full(self.num_slices, np.nan, dtype=np.float32) for o in selected}
-            covered = {o: (starts[o], starts[o]) for o in selected}
-            stopped: dict[int, list[str]] = {o: [] for o in selected}
-            done = 0
             try:
-                for reverse, frames in passes:
-                    order = {f: n for n, f in enumerate(frames)}
-                    state["prefetch_plan"] = lambda f, fr=frames, od=order: fr[
-                        od[f] : od[f] + self.encode_batch_size
-                    ]
-                    absent_run = {o: 0 for o in selected}
-                    ended: set[int] = set()
-                    for f in frames:
-                        if is_cancelled():
-                            raise PropagationCancelled("propagation cancelled; the previous result is unchanged")
-                        for o in selected:
-                            if (f < start_forward[o]) if not reverse else (f > start_backward[o]):
-                                continue
-                            if f in prompted[o]:  # the user's own slice: tracking resumes here
-                                ended.discard(o)
-                                absent_run[o] = 0
-                            if o in ended:
-                                self._clear_frame(o, f, new_masks, new_probs)
-                                continue
-                            logits, score = self._track(o, f, reverse)
-                            self._write_frame(o, f, logits, new_masks, new_probs)
-                            scores[o][f] = score
-                            covered[o] = (min(covered[o][0], f), max(covered[o][1], f))
-                            present = score > 0 and bool((logits > 0).any())
-                            absent_run[o] = 0 if present else absent_run[o] + 1
-                            if stop_when_absent is not None and absent_run[o] >= stop_when_absent:
-                                ended.add(o)
-                                way = "backward" if reverse else "forward"
-                                if way not in stopped[o]:
-                                    stopped[o].append(way)
-                        done += 1
-                        if progress:
-                            progress(done, total)
+                for reverse, frames, begins, is_local in passes:
+                    self._run_pass(
+                        reverse, frames, begins, is_local, prompted, stop_when_absent, book, is_cancelled, progress
+                    )
             finally:
                 state["prefetch_plan"] = None
+        if progress and book.done < book.total:
+            progress(book.total, book.total)  # local passes that stopped early skip their remaining slices
 
+        covered: dict[int, tuple[int, int]] = {}
+        for o in selected:
+            spans = [] if o in full_objs or o not in self._covered else [self._covered[o]]
+            if book.tracked[o]:
+                spans.append((min(book.tracked[o]), max(book.tracked[o])))
+            first = min(prompted[o])
+            covered[o] = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (first, first)
         if largest_component:
-            for o in selected:
-                _keep_largest_component(new_masks[o], self.layout, covered[o])
-        self._masks.update(new_masks)
-        if new_probs is not None:
-            self._probabilities.update(new_probs)
+            for o in ran:
+                if book.tracked[o]:
+                    span = (min(book.tracked[o]), max(book.tracked[o]))
+                    _keep_largest_component(book.masks[o], self.layout, span)
+        self._masks.update(book.masks)
+        if book.probs is not None:
+            self._probabilities.update(book.probs)
+        for o in ran:
+            self._run_revisions[o] = dict(self._prompt_revisions.get(o, {}))
+            self._covered[o] = covered[o]
+        self._runs += 1
         return PropagationResult(
             masks={o: self._masks[o] for o in selected},
-            probabilities={o: self._probabilities[o] for o in selected} if probabilities else None,
+            probabilities={o: self._probabilities[o] for o in selected if o in self._probabilities}
+            if probabilities
+            else None,
             propagated=covered,
-            object_scores=scores,
-            stopped_early={o: d for o, d in stopped.items() if d},
+            object_scores=book.scores,
+            stopped_early={o: d for o, d in book.stopped.items() if d},
+            recomputed={o: sorted(book.recomputed[o]) for o in selected},
         )
+
+    def _run_pass(
+        self,
+        reverse: bool,
+        frames: list[int],
+        begins: dict[int, int],
+        is_local: bool,
+        prompted: dict[int, set[int]],
+        stop_when_absent: Optional[int],
+        book: RunBook,
+        is_cancelled: Callable[[], bool],
+        progress: Optional[ProgressCallback],
+    ) -> None:
+        """One direction of a run for the objects in ``begins``."""
+        state = self._state
+        order = {f: n for n, f in enumerate(frames)}
+        state["prefetch_plan"] = lambda f: frames[order[f] : order[f] + self.encode_batch_size] if f in order else [f]
+        objs = {o: ObjectPass(begin=b, local=is_local) for o, b in begins.items()}
+        # Reading a score or comparing with the previous run needs the slice on the host now.
+        sync_each = stop_when_absent is not None or is_local
+        sink = FrameSink(
+            write=lambda o, f, logits: self._write_frame(o, f, logits, book.masks, book.probs),
+            scores=book.scores,
+            chunk=1 if sync_each else self.copy_chunk,
+        )
+        way = "backward" if reverse else "forward"
+        for f in frames:
+            if all(p.stopped for p in objs.values()):
+                break
+            if is_cancelled():
+                raise PropagationCancelled("propagation cancelled; the previous result is unchanged")
+            to_track: list[int] = []
+            for o, p in objs.items():
+                if not p.joined:
+                    if (f > p.begin) if reverse else (f < p.begin):
+                        continue
+                    p.joined = True
+                if p.stopped:
+                    continue
+                if p.local and f != p.begin and f in prompted[o]:
+                    p.stopped, p.stop_reason = True, "prompt"  # the next prompted slice keeps its result
+                    continue
+                if f in prompted[o]:  # the user's own slice: tracking resumes here
+                    p.ended, p.absent_run = False, 0
+                if p.ended:
+                    self._clear_frame(o, f, book.masks, book.probs)
+                    book.recomputed[o].add(f)
+                    self._after_slice(o, f, p, book, stop_when_absent, way, None)
+                    continue
+                to_track.append(o)
+            # The lock is taken per slice, so another session's clicks or background encoding on
+            # the same model wait at most one slice.
+            with self._model_lock:
+                tracked = [(group, *self._track_many(group, f, reverse)) for group in self._track_groups(to_track, f)]
+            for group, logits, group_scores in tracked:
+                for n, o in enumerate(group):
+                    sink.add(o, f, logits[n], group_scores[n])
+                    book.recomputed[o].add(f)
+                    book.tracked[o].add(f)
+            if sync_each:
+                sink.flush()
+                for o in to_track:
+                    self._after_slice(o, f, objs[o], book, stop_when_absent, way, float(book.scores[o][f]))
+            book.done += 1
+            if progress:
+                progress(book.done, book.total)
+        sink.flush()
+
+    def _after_slice(
+        self,
+        object_id: int,
+        frame: int,
+        p: ObjectPass,
+        book: RunBook,
+        stop_when_absent: Optional[int],
+        way: str,
+        score: Optional[float],
+    ) -> None:
+        """Absence counting (stop_when_absent) and, in a local pass, agreement with the previous run."""
+        if score is not None and stop_when_absent is not None:
+            present = bool(score > 0) and bool(self.layout.frame(book.masks[object_id], frame).any())
+            p.absent_run = 0 if present else p.absent_run + 1
+            if p.absent_run >= stop_when_absent:
+                p.ended = True
+                if way not in book.stopped[object_id]:
+                    book.stopped[object_id].append(way)
+        if p.local and frame != p.begin:
+            previous = self.layout.frame(self._masks[object_id], frame)
+            agree = mask_iou(self.layout.frame(book.masks[object_id], frame), previous) >= LOCAL_IOU
+            p.agreeing_run = p.agreeing_run + 1 if agree else 0
+            if p.agreeing_run >= LOCAL_AGREEING_SLICES:
+                p.stopped, p.stop_reason = True, "agrees"
+
+    def _track_groups(self, object_ids: list[int], frame: int) -> list[list[int]]:
+        """Objects tracked together on ``frame``: a prompted slice's output is returned as is (one
+        object each); the others are grouped by memory layout when batching is on."""
+        groups: dict[object, list[int]] = {}
+        for o in object_ids:
+            prompted_here = frame in self._state["output_dict_per_obj"][self._object_index(o)]["cond_frame_outputs"]
+            key: object = ("own", o) if prompted_here or not self.batch_objects else self.predictor.batch_key(
+                self._state, o, frame
+            )
+            groups.setdefault(key, []).append(o)
+        return list(groups.values())
+
+    def _track_many(self, object_ids: list[int], frame: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (N, H, W) and score logits (N,) of the objects on one slice, still on the device."""
+        if len(object_ids) == 1:
+            logits, score = self._track(object_ids[0], frame, reverse)
+            return logits[None], torch.as_tensor(score).reshape(1)
+        return self.predictor.track_slices(self._state, object_ids, frame, reverse)
 
     def _check_range(self, slice_range: Optional[tuple[int, int]]) -> tuple[int, int]:
         if slice_range is None:
@@ -448,9 +689,10 @@ class SegmentationSession:
             raise InvalidPromptError(f"slice range {lo}:{hi} is outside 0:{self.num_slices - 1} or reversed")
         return lo, hi
 
-    def _track(self, object_id: int, frame: int, reverse: bool) -> tuple[torch.Tensor, float]:
-        """One object on one slice, exactly as SAM2VideoPredictor.propagate_in_video does it."""
-        return self.predictor.track_slice(self._state, object_id, frame, reverse)
+    def _track(self, object_id: int, frame: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One object on one slice, exactly as SAM2VideoPredictor.propagate_in_video does it (logits
+        and score stay on the device)."""
+        return self.predictor.track_slice_tensors(self._state, object_id, frame, reverse)
 
     def _write_frame(
         self,

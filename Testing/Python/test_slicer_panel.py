@@ -162,7 +162,7 @@ def test_server_settings_require_https_off_this_machine_unless_confirmed(tmp_pat
 
 
 def test_a_server_connection_test_names_an_unreachable_server_in_one_line():
-    from medsam2.remote.client import ServerUnavailableError
+    from medsam2.remote import ServerUnavailableError
     from MedSAM2SlicerLib.remote_settings import testConnection
 
     with pytest.raises(ServerUnavailableError) as failure:

@@ -7,8 +7,9 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
+from medsam2.cli.batch_workers import CaseOpener, device_for_rank, gather_results
 from medsam2.cli.common import (
     EXIT_BATCH,
     EXIT_INPUT,
@@ -20,6 +21,7 @@ from medsam2.cli.common import (
     exit_code_for,
 )
 from medsam2.cli.segment import SegmentJob, add_segment_options, segment_one
+from medsam2.distributed import RankInfo, rank_info
 from medsam2.errors import InvalidPromptError
 
 MANIFEST_HELP = """\
@@ -109,51 +111,53 @@ class _RowParser(Parser):
 def run_batch(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest)
     base = args.output_dir or args.manifest.parent
+    info = rank_info()
     case_parser = _RowParser(prog="manifest row", add_help=False)
     add_segment_options(case_parser)
     models = ModelCache()
     results: list[dict[str, Any]] = []
     show = not (args.quiet or args.json)
-    for n, row in enumerate(rows, 1):
-        output = Path(str(row["output"]))
-        output = output if output.is_absolute() else base / output
-        record: dict[str, Any] = {"case": n, "input": str(row["input"]), "output": str(output)}
-        try:
-            case = case_parser.parse_args(_row_argv(row))
-        except InvalidPromptError as exc:
-            record.update(status="failed", error=f"bad manifest row: {exc}", exit_code=EXIT_INPUT)
-            results.append(record)
-            continue
-        source = str(row["input"])
-        if "://" not in source and not Path(source).is_absolute():
-            source = str(args.manifest.parent / source)  # where the manifest says, wherever it is run from
-        for key in ("mask", "prompts"):
-            given = getattr(case, key, None)
-            if given is not None and not given.is_absolute():
-                setattr(case, key, args.manifest.parent / given)
-        for key in ("model", "checkpoint", "config", "image_size", "device", "memory_budget"):
-            if getattr(case, key, None) is None:
-                setattr(case, key, getattr(args, key))
-        case.quiet, case.json = True, True
-        if output.exists():
-            record["status"] = "skipped (output exists)"
-        else:
+    # Under torchrun each process takes every world_size-th case (as `evaluate` does).
+    mine = [(n, row) for n, row in enumerate(rows, 1) if (n - 1) % info.world_size == info.rank]
+    plans = [_plan_case(n, row, base, case_parser, args, info) for n, row in mine]
+    ahead = CaseOpener(models)
+    for index, (record, job) in enumerate(plans):
+        n = record["case"]
+        if job is not None:
+            # A case that cannot be opened (None) is opened again by segment_one, which reports why.
+            opened = ahead.take(job) or ahead.open_now(job)
+            # Open the next case (read, prepare, and encode where the device has room) while this
+            # one propagates.
+            nxt = next((j for _, j in plans[index + 1 :] if j is not None), None)
+            if nxt is not None:
+                ahead.start(nxt)
             try:
-                output.parent.mkdir(parents=True, exist_ok=True)
-                record.update(status="done", **segment_one(SegmentJob(source, output, case), models))
+                job.output.parent.mkdir(parents=True, exist_ok=True)
+                record.update(status="done", **segment_one(job, models, opened=opened))
             except KeyboardInterrupt:
+                ahead.cancel()
                 raise
             except Exception as exc:  # one case's failure never stops the others
                 if args.debug:
+                    ahead.cancel()
                     raise
                 record.update(status="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 record["exit_code"] = exit_code_for(exc)
+            finally:
+                if opened is not None:
+                    opened[2].close()
         results.append(record)
         if show:
             print(
                 f"[{n}/{len(rows)}] {record['status']}: {record['input']}"
                 + (f" - {record['error']}" if record.get("error") else "")
             )
+    ahead.cancel()
+    if info.world_size > 1:
+        results = gather_results(results, base, info)
+        if info.rank != 0:
+            failed_here = any(r["status"] == "failed" for r in results if r["case"] in {n for n, _ in mine})
+            return EXIT_BATCH if failed_here else 0
     failed = [r for r in results if r["status"] == "failed"]
     summary = {
         "cases": len(results),
@@ -162,5 +166,39 @@ def run_batch(args: argparse.Namespace) -> int:
         "failed": len(failed),
         "results": results,
     }
+    if info.world_size > 1:
+        summary["processes"] = info.world_size
     emit(args, summary, f"batch: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed")
     return EXIT_BATCH if failed else 0
+
+
+def _plan_case(
+    n: int, row: dict[str, Any], base: Path, case_parser: Parser, args: argparse.Namespace, info: RankInfo
+) -> tuple[dict[str, Any], Optional[SegmentJob]]:
+    """The case's record so far and its job (None when it is skipped or its row is bad)."""
+    output = Path(str(row["output"]))
+    output = output if output.is_absolute() else base / output
+    record: dict[str, Any] = {"case": n, "input": str(row["input"]), "output": str(output)}
+    if info.world_size > 1:
+        record["rank"] = info.rank
+    try:
+        case = case_parser.parse_args(_row_argv(row))
+    except InvalidPromptError as exc:
+        record.update(status="failed", error=f"bad manifest row: {exc}", exit_code=EXIT_INPUT)
+        return record, None
+    source = str(row["input"])
+    if "://" not in source and not Path(source).is_absolute():
+        source = str(args.manifest.parent / source)  # where the manifest says, wherever it is run from
+    for key in ("mask", "prompts"):
+        given = getattr(case, key, None)
+        if given is not None and not given.is_absolute():
+            setattr(case, key, args.manifest.parent / given)
+    for key in ("model", "checkpoint", "config", "image_size", "device", "memory_budget"):
+        if getattr(case, key, None) is None:
+            setattr(case, key, getattr(args, key))
+    case.device = device_for_rank(case.device, info)
+    case.quiet, case.json = True, True
+    if output.exists():
+        record["status"] = "skipped (output exists)"
+        return record, None
+    return record, SegmentJob(source, output, case)

@@ -149,9 +149,37 @@ def refuse_overwriting_inputs(output: Path, sources: list[tuple[str, Any]]) -> N
             raise InvalidPromptError(f"output {output} is the {what} file; write the result to another file")
 
 
-def segment_one(job: SegmentJob, models: ModelCache, random_weights: bool = False) -> dict[str, Any]:
-    from medsam2.cli.inputs import load_input, write_output
+def open_case(job: SegmentJob, models: ModelCache, random_weights: bool = False) -> tuple[Any, Any, Any]:
+    """The case's input, its model's registry entry and a session on it (no prompts yet); `batch`
+    opens the next case with this while the current one propagates."""
+    from medsam2.cli.inputs import load_input
     from medsam2.session import SegmentationSession
+
+    args = job.args
+    loaded = load_input(job.input)
+    predictor, entry = models.get(args, random_weights)
+    axis: Any = int(args.axis) if str(args.axis).isdigit() else args.axis
+    budget = int(args.memory_budget * 2**30) if getattr(args, "memory_budget", None) else None
+    session = SegmentationSession(
+        predictor,
+        loaded.array,
+        loaded.geometry,
+        axis=axis,
+        intensity=choose_intensity(args, entry, loaded.modality, loaded.array),
+        memory_budget_bytes=budget,
+    )
+    return loaded, entry, session
+
+
+def segment_one(
+    job: SegmentJob,
+    models: ModelCache,
+    random_weights: bool = False,
+    opened: Optional[tuple[Any, Any, Any]] = None,
+) -> dict[str, Any]:
+    """One case from input to written output; ``opened`` is what :func:`open_case` returned for it,
+    when the caller opened it ahead of time."""
+    from medsam2.cli.inputs import write_output
 
     args = job.args
     if job.output.is_dir():
@@ -169,18 +197,7 @@ def segment_one(job: SegmentJob, models: ModelCache, random_weights: bool = Fals
     if fmt == "dcm" and not Path(job.input).is_dir() and "://" not in job.input:
         raise InvalidPromptError("DICOM-SEG output needs a DICOM input (a series folder or DICOMweb URL)")
     started = time.monotonic()
-    loaded = load_input(job.input)
-    predictor, entry = models.get(args, random_weights)
-    axis: Any = int(args.axis) if str(args.axis).isdigit() else args.axis
-    budget = int(args.memory_budget * 2**30) if getattr(args, "memory_budget", None) else None
-    session = SegmentationSession(
-        predictor,
-        loaded.array,
-        loaded.geometry,
-        axis=axis,
-        intensity=choose_intensity(args, entry, loaded.modality, loaded.array),
-        memory_budget_bytes=budget,
-    )
+    loaded, entry, session = opened if opened is not None else open_case(job, models, random_weights)
     objects = collect_prompts(args, loaded.geometry, session.layout)
     apply_prompts(session, objects)
     labels = {oid: (obj.label or f"Segment_{oid}") for oid, obj in objects.items()}

@@ -95,11 +95,13 @@ def create_app(
     *,
     clock: Callable[[], float] = time.monotonic,
     environ: Optional[dict[str, str]] = None,
+    manager_options: Optional[dict[str, Any]] = None,
 ) -> FastAPI:
-    """The API for these settings. Raises ServerConfigError (one line) without a usable token."""
+    """The API for these settings. Raises ServerConfigError (one line) without a usable token.
+    ``manager_options`` go to the SessionManager (serve --devices: placement, device_factory)."""
     settings.validate()
     users = settings.resolve_users(environ)
-    manager = SessionManager(settings, predictor_factory, clock=clock)
+    manager = SessionManager(settings, predictor_factory, clock=clock, **(manager_options or {}))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -86,6 +86,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--image-size", type=int, help="model input size for --checkpoint")
     model.add_argument("--device", default=defaults.device, help="auto, cuda, cuda:N, mps or cpu")
     model.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="several devices, e.g. cuda:0,cuda:1, or auto (every GPU): each new session goes to the one "
+        "with the most free memory within its budget (--memory-budget-gb is then per device); "
+        "replaces --device",
+    )
+    model.add_argument(
         "--no-preload", action="store_true", help="load models on first use instead of at start"
     )
     limits = parser.add_argument_group("limits")
@@ -188,6 +195,23 @@ def registry_predictor_factory(
     return factory
 
 
+def multi_device_options(
+    args: argparse.Namespace, settings: ServerSettings
+) -> tuple[dict[str, Any], list[torch.device]]:
+    """SessionManager options for ``--devices`` (none without it) and the devices it names."""
+    if not getattr(args, "devices", None):
+        return {}, []
+    from medsam2.server.placement import DevicePlacement, parse_devices
+
+    devices = parse_devices(args.devices)
+
+    def device_factory(name: str, on: torch.device) -> EngineVideoPredictor:
+        return registry_predictor_factory(on, args.checkpoint, settings.models[0], args.config, args.image_size)(name)
+
+    placement = DevicePlacement(devices, budget_per_device=settings.memory_budget_bytes)
+    return {"placement": placement, "device_factory": device_factory}, devices
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Start serving; returns an exit code with a one-line message for bad settings (the command
     line's codes: 2 bad settings, 3 model unavailable, 4 device unavailable)."""
@@ -216,15 +240,17 @@ def run_server(args: argparse.Namespace) -> int:
         )
         if settings.access_log:
             _log_access_to(settings.access_log)
-        device = resolve_device(settings.device)
+        device = resolve_device(settings.device if not getattr(args, "devices", None) else "cpu")
         factory = registry_predictor_factory(
             device, args.checkpoint, settings.models[0], args.config, args.image_size
         )
-        app = create_app(settings, factory)
+        options, devices = multi_device_options(args, settings)
+        app = create_app(settings, factory, manager_options=options)
         if not args.no_preload:
             for name in settings.models:
-                print(f"loading model {name} on {device} ...", file=sys.stderr, flush=True)
-                app.state.manager.predictor(name)
+                for slot, on in enumerate(devices or [device]):
+                    print(f"loading model {name} on {on} ...", file=sys.stderr, flush=True)
+                    app.state.manager.predictor(name, slot)
         if settings.users_file:
             print(f"{len(users.users)} user(s) from {settings.users_file}", file=sys.stderr)
         if not settings.loopback_only and not settings.tls:  # only with --insecure-no-tls (validate)

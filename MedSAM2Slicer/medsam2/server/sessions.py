@@ -42,6 +42,7 @@ from medsam2.geometry import SliceLayout, VolumeGeometry
 from medsam2.intensity import IntensityPreparation
 from medsam2.predictor import EngineVideoPredictor
 from medsam2.server.locking import FairLock, SerialisedPredictor
+from medsam2.server.placement import DevicePlacement
 from medsam2.server.settings import ServerSettings
 from medsam2.server.transactions import all_or_nothing
 from medsam2.server.users import User
@@ -51,6 +52,7 @@ from medsam2.volume import as_3d, device_bytes
 log = logging.getLogger("medsam2.server")
 
 PredictorFactory = Callable[[str], EngineVideoPredictor]
+DevicePredictorFactory = Callable[[str, torch.device], EngineVideoPredictor]  # with --devices
 T = TypeVar("T")
 GiB = float(1 << 30)
 PROMPT_WAIT_SECONDS = 30.0  # a prompt waits this long for another request on the same session
@@ -145,6 +147,9 @@ class LiveSession(SegmentationSession):
     def propagate(self, *args: Any, **kwargs: Any) -> PropagationResult:
         with self._live_lock:
             self._live = {}
+        # The HTTP API has no run mode yet (PropagateRequest would need a `mode` field): its runs
+        # stay full, as its clients and tests expect, until the API can ask for local ones.
+        kwargs.setdefault("mode", "full")
         try:
             return super().propagate(*args, **kwargs)
         finally:
@@ -271,6 +276,7 @@ class ManagedSession:
         self.created = self.last_used = clock()
         self.closed = False
         self.released = False
+        self.slot = 0  # which of the server's devices holds it (placement.py)
         self.run: Optional[Run] = None
         self._op_lock = threading.Lock()  # the engine session is not thread-safe
 
@@ -369,9 +375,17 @@ class SessionManager:
         predictor_factory: PredictorFactory,
         *,
         clock: Callable[[], float] = time.monotonic,
+        placement: Optional[DevicePlacement] = None,
+        device_factory: Optional[DevicePredictorFactory] = None,
     ) -> None:
         self.settings = settings
         self._factory = predictor_factory
+        # Several devices (serve --devices): a model copy and a memory budget per device.
+        if placement is not None and device_factory is None:
+            raise ValueError("a device placement needs a device_factory")
+        self._placement = placement
+        self._device_factory = device_factory
+        self._models_on: dict[tuple[str, int], LoadedModel] = {}
         self.clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[str, ManagedSession] = {}
@@ -394,9 +408,19 @@ class SessionManager:
             raise ModelError(f"model {name!r} is not served here; this server serves: {', '.join(models)}")
         return name
 
-    def predictor(self, name: str) -> LoadedModel:
-        """The shared predictor for a model, loaded on first use."""
+    def predictor(self, name: str, slot: int = 0) -> LoadedModel:
+        """The shared predictor for a model (on the device of ``slot`` with several devices),
+        loaded on first use."""
         with self._load_lock:
+            if self._placement is not None:
+                key = (name, slot)
+                if key not in self._models_on:
+                    assert self._device_factory is not None
+                    predictor = self._device_factory(name, self._placement.devices[slot])
+                    self._models_on[key] = LoadedModel(
+                        predictor, FairLock(), measure_slice_feature_bytes(predictor)
+                    )
+                return self._models_on[key]
             if name not in self._models:
                 predictor = self._factory(name)
                 self._models[name] = LoadedModel(
@@ -410,7 +434,13 @@ class SessionManager:
 
     @property
     def budget_bytes(self) -> Optional[int]:
+        if self._placement is not None:
+            return self._placement.total_budget
         return self._budget
+
+    @property
+    def placement(self) -> Optional[DevicePlacement]:
+        return self._placement
 
     @property
     def reserved_bytes(self) -> int:
@@ -440,7 +470,8 @@ class SessionManager:
         cache_bytes = count_slices(volume.shape, geometry, axis) * loaded.slice_feature_bytes
         if self.settings.cache_bytes_per_session is not None:
             cache_bytes = min(cache_bytes, self.settings.cache_bytes_per_session)
-        budget = cast(int, self._budget)
+        placement = self._placement
+        budget = cast(int, self._budget) if placement is None else placement.largest_budget
         if volume_bytes > budget:
             raise MemoryBudgetError(
                 f"volume {tuple(volume.shape)} needs {_gib(volume_bytes)} on {device}, more than this "
@@ -451,17 +482,25 @@ class SessionManager:
         with self._lock:
             self._expire_idle_locked()
             self._check_count_locked(user)
-            free = budget - self._reserved
-            if need > free:
+            chosen = 0 if placement is None else placement.choose(need)
+            if chosen is None or (placement is None and need > budget - self._reserved):
+                free = budget - self._reserved if placement is None else max(
+                    placement.room(s) for s in range(len(placement.devices))
+                )
                 raise ServerFullError(
                     f"server memory budget is full: this volume needs {_gib(need)} (volume and slice-feature "
                     f"cache), {_gib(max(free, 0))} of {_gib(budget)} is free; retry later or close a session",
                     self._retry_after_locked(),
                 )
+            slot = chosen
+            if placement is not None:
+                placement.reserve(slot, need)
             self._reserved += need
             self._building += 1
             self._building_by[owner] = self._building_by.get(owner, 0) + 1
         try:
+            if placement is not None:
+                loaded = self.predictor(name, slot)
             engine = LiveSession(
                 cast(EngineVideoPredictor, SerialisedPredictor(loaded.predictor, loaded.lock)),
                 volume,
@@ -475,8 +514,11 @@ class SessionManager:
                 self._reserved -= need
                 self._building -= 1
                 self._building_by[owner] -= 1
+                if placement is not None:
+                    placement.release(slot, need)
             raise
         managed = ManagedSession(secrets.token_urlsafe(16), name, engine, need, self.clock, owner)
+        managed.slot = slot
         with self._lock:
             self._building -= 1
             self._building_by[owner] -= 1
@@ -625,6 +667,8 @@ class SessionManager:
         if not managed.released:
             managed.released = True
             self._reserved -= managed.reserved_bytes
+            if self._placement is not None:
+                self._placement.release(managed.slot, managed.reserved_bytes)
 
     def _retry_after_locked(self) -> int:
         """Seconds until the first idle session expires (a hint for the 503's Retry-After)."""
