@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 from scipy import integrate, ndimage
 
-from medsam2.api import Session
 from medsam2.datasets.prompts import case_rng, cut, slice_areas, widen
 from medsam2.errors import InvalidPromptError
 from medsam2.evaluation.columns import metric_columns
@@ -68,6 +67,7 @@ from medsam2.evaluation.cvpr25_protocol import (  # the protocol's constants, us
 )
 from medsam2.evaluation.metrics import slice_overlap
 from medsam2.evaluation.protocols import SlicePrompt, apply_prompt
+from medsam2.session import SegmentationSession
 
 if TYPE_CHECKING:
     from medsam2.datasets.layouts import LabelSpec, LoadedCase
@@ -229,7 +229,7 @@ def case_scores(rows: Sequence[dict[str, Any]], clicks: int = CLICKS) -> list[Ca
 
 # ------------------------------------------------------------------------------------------- the run
 def evaluate_label(
-    session: Session,
+    session: SegmentationSession,
     case: LoadedCase,
     spec: LabelSpec,
     settings: EvaluationSettings,
@@ -254,7 +254,11 @@ def evaluate_label(
     prompted: list[int] = []
 
     def propagate() -> np.ndarray:
-        result = session.propagate("both", slice_range=slice_range, stop_when_absent=settings.stop_when_absent)
+        # mode="full": the challenge re-propagates the whole volume after every click; a local
+        # correction (the interactive default) would change what its numbers mean.
+        result = session.propagate(
+            "both", slice_range=slice_range, stop_when_absent=settings.stop_when_absent, mode="full"
+        )
         return np.asarray(result.masks[OBJECT_ID]).copy()
 
     for step in range(protocol.clicks + 1):

@@ -120,8 +120,10 @@ def evaluate_label(
         for prompt in step:
             apply_prompt(session, OBJECT_ID, prompt)
         if step or prediction is None:
+            # mode="full": the published protocols re-propagate the whole volume after each
+            # corrective click; local corrections (the interactive default) are benchmarked apart.
             result = session.propagate(
-                direction, slice_range=slice_range, stop_when_absent=settings.stop_when_absent
+                direction, slice_range=slice_range, stop_when_absent=settings.stop_when_absent, mode="full"
             )
             prediction = result.masks[OBJECT_ID].copy()
         scored = _restrict(prediction, axis, slice_range)

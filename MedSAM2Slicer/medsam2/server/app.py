@@ -44,6 +44,7 @@ from medsam2.remote.wire import (
 from medsam2.server.access_log import AccessLogMiddleware
 from medsam2.server.auth import BearerTokenMiddleware, request_user
 from medsam2.server.limits import BodyLimitMiddleware, FramingMiddleware
+from medsam2.server.live import LiveSession, Run
 from medsam2.server.requests import (
     apply_prompt,
     check_propagate,
@@ -73,10 +74,8 @@ from medsam2.server.schemas import (
     SlicePreviewOut,
 )
 from medsam2.server.sessions import (
-    LiveSession,
     ManagedSession,
     PredictorFactory,
-    Run,
     SessionManager,
 )
 from medsam2.server.settings import ServerSettings

@@ -20,6 +20,7 @@ from medsam2.remote.wire import (
     WireFormatError,
     decode_mask_b64,
 )
+from medsam2.server.live import LiveSession
 from medsam2.server.schemas import (
     BoxPrompt,
     MaskPrompt,
@@ -28,7 +29,6 @@ from medsam2.server.schemas import (
 )
 from medsam2.server.sessions import (
     BadRequestError,
-    LiveSession,
     RequestTooLargeError,
 )
 

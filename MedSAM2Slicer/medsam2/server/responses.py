@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medsam2.errors import InvalidPromptError, MedSAM2Error, MemoryBudgetError
 from medsam2.remote.wire import VolumeTooLargeError
 from medsam2.server.auth import OPEN_PATHS
+from medsam2.server.live import Run
 from medsam2.server.schemas import (
     CacheOut,
     RunOut,
@@ -25,7 +26,6 @@ from medsam2.server.schemas import (
 from medsam2.server.sessions import (
     ManagedSession,
     RequestTooLargeError,
-    Run,
     ServerFullError,
     ServerOutOfMemoryError,
     SessionBusyError,
