@@ -25,9 +25,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from medsam2.models.catalogue import DEFAULT_MODEL
 from MedSAM2SlicerLib import dependencies, versions
 from MedSAM2SlicerLib.errors import describeError
-from MedSAM2SlicerLib.panel_state import DEFAULT_MODELS, DIRECTIONS, SLICE_AXES, WINDOW_PRESETS
+from MedSAM2SlicerLib.panel_state import DIRECTIONS, SLICE_AXES, WINDOW_PRESETS
 from MedSAM2SlicerLib.remote_settings import ServerSettings
 
 SETTINGS_GROUP = "MedSAM2Slicer"
@@ -61,7 +62,7 @@ class MedSAM2SlicerParameterNode:
     negativePoints: slicer.vtkMRMLMarkupsFiducialNode
     boxRoi: slicer.vtkMRMLMarkupsROINode
     segmentId: str = ""
-    model: str = DEFAULT_MODELS[0]
+    model: str = DEFAULT_MODEL  # medsam2.models.catalogue's default (torch-free, bundled with the module)
     device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
     windowPreset: Annotated[str, Choice(list(WINDOW_PRESETS))] = "Volume display"
     sliceAxis: Annotated[str, Choice(list(SLICE_AXES))] = "Follow clicked view"
@@ -111,11 +112,13 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = MedSAM2SlicerLogic()
         self.panel = self.logic.panel
         self.panel.onChange = self.updateGui
+        # Background encoding starts at the slice the Red view shows (then its neighbours).
+        self.panel.encodingView = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         self.sideWorker = BackgroundWorker()
         self._setupEditor()
 
         self.ui.modelSelector.editable = True
-        for name in model_names() or DEFAULT_MODELS:
+        for name in model_names():  # the engine's catalogue: one list of model names
             self.ui.modelSelector.addItem(name)
         self.ui.serverTokenLineEdit.echoMode = qt.QLineEdit.Password
         self.ui.caFilePathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable

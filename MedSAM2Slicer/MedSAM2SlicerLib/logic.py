@@ -79,6 +79,7 @@ class PanelLogic:
         self.status = ""  # the latest outcome or error, one line
         self.error = False
         self.encodingText = ""  # "encoding 37/120" while slices are encoded in the background
+        self.encodingView: Any = None  # a slice node whose slice is encoded first (the widget's Red view)
         self.licencePending: Optional[LicenceQuestion] = None
         self._job: Optional[tuple[str, Any]] = None  # (kind, job) running on the worker
         self._queued: dict[str, Any] = {}  # "preview" -> True, "propagate" -> PropagationRequest
@@ -281,7 +282,7 @@ class PanelLogic:
             if handle is None or handle.encoded >= handle.numSlices:
                 self._queued.pop("encode", None)
                 return
-            self._run("encode", EncodeJob(**self._jobBase(handle)))
+            self._run("encode", EncodeJob(**self._jobBase(handle), fromSlice=self._encodingStart()))
 
     def _promptJob(self, request: Optional[PropagationRequest]) -> Optional[PromptJob]:
         segments.checkSegmentation(self.segmentationNode, self.segmentId)
@@ -503,6 +504,17 @@ class PanelLogic:
             self.activity() not in (Activity.PROPAGATING, Activity.CANCELLING, Activity.PREVIEWING)
             and self.writer.redo()
         )
+
+    def _encodingStart(self) -> Optional[int]:
+        """Where background encoding starts: the slice shown in the view of the last prompt, else in
+        ``encodingView`` (the widget sets the Red view); None (slice order) when neither is known."""
+        view = self.promptView or self.encodingView
+        if view is None or self.volumeNode is None:
+            return None
+        try:
+            return self.sliceIndexInView(view)
+        except Exception:  # a view whose plane is not along the session's axis: encode in slice order
+            return None
 
     def sliceIndexInView(self, sliceNode: Any) -> int:
         """For "Set from current slice": the slice the view shows, along the session's axis."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 
 # The panel's choices (labels shown -> what the logic takes).
-DEFAULT_MODELS = ("medsam2-latest", "medsam2-ct-lesion", "medsam2-mri-liver-lesion", "medsam2-us-heart", "sam2.1-tiny")
 # Window preset label -> engine intensity spec (medsam2.intensity.parse_intensity); None: the views' W/L.
 WINDOW_PRESETS = {
     "Volume display": None,

@@ -85,8 +85,11 @@ class EngineJob:
 
 @dataclass
 class EncodeJob(EngineJob):
-    """Encode every slice in the background (medsam2 Session.precompute_features), stoppable between
-    slices: the progress callback checks the cancel flag."""
+    """Encode every slice in the background (medsam2 Session.precompute_features), outward from the
+    slice in view when it is known, stoppable between slices: the progress callback checks the cancel
+    flag."""
+
+    fromSlice: Optional[int] = None
 
     def __call__(self, context: JobContext) -> int:
         context.phase(WorkerState.PREPARING)
@@ -103,7 +106,7 @@ class EncodeJob(EngineJob):
             context.raise_if_cancelled()
 
         context.phase(WorkerState.PROPAGATING)
-        session.precompute_features(progress)
+        session.precompute_features(progress, self.fromSlice)
         self.handle.encoded = total
         return total
 

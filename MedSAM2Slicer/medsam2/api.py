@@ -105,8 +105,12 @@ class Session(Protocol):
         """The object's latest propagated mask."""
         ...
 
-    def precompute_features(self, progress: Optional[ProgressCallback] = None) -> None:
-        """Encode every slice now (e.g. while the user is still looking for the first click)."""
+    def precompute_features(
+        self, progress: Optional[ProgressCallback] = None, from_slice: Optional[int] = None
+    ) -> None:
+        """Encode every slice now (e.g. while the user is still looking for the first click): in slice
+        order, or outward from ``from_slice`` (the slice in view is encoded first, then its
+        neighbours, which a click there needs next)."""
         ...
 
     def propagate(

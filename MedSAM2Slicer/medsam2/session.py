@@ -353,9 +353,15 @@ class SegmentationSession(Propagation):
             raise InvalidPromptError(f"object {object_id} has not been propagated")
         return self._masks[int(object_id)]
 
-    def precompute_features(self, progress: Optional[ProgressCallback] = None) -> None:
-        """Encode every slice now (e.g. while the user is still looking for the first click)."""
-        todo = [i for i in range(self.num_slices) if i not in self.feature_cache]
+    def precompute_features(
+        self, progress: Optional[ProgressCallback] = None, from_slice: Optional[int] = None
+    ) -> None:
+        """Encode every slice now, in slice order or outward from ``from_slice`` (see the Session
+        protocol); ``progress(done, total)`` counts the slices that were still to encode."""
+        if from_slice is not None and not 0 <= int(from_slice) < self.num_slices:
+            raise InvalidPromptError(f"slice {from_slice} is outside the volume (0..{self.num_slices - 1})")
+        order = range(self.num_slices) if from_slice is None else outward_order(int(from_slice), self.num_slices)
+        todo = [i for i in order if i not in self.feature_cache]
         for start in range(0, len(todo), self.encode_batch_size):
             self._encode_batch(todo[start : start + self.encode_batch_size])
             if progress:

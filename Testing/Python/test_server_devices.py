@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from console import run_medsam2
-from test_server import live_server
+from server_cases import live_server
 
 from medsam2.models.build import build_predictor
 from medsam2.remote import RemoteSession

@@ -312,7 +312,9 @@ def test_tls_with_a_self_signed_certificate_and_the_rest_of_the_session_interfac
         assert url.startswith("https://")
         with _remote(url, case, ca_file=cert) as session:
             steps: list[tuple[int, int]] = []
-            session.precompute_features(progress=lambda d, t: steps.append((d, t)))
+            with pytest.raises(InvalidPromptError, match="slice 6 is outside the volume"):
+                session.precompute_features(from_slice=6)  # checked on the server, before the run starts
+            session.precompute_features(progress=lambda d, t: steps.append((d, t)), from_slice=3)
             assert steps[-1] == (6, 6) and session.cache_stats.encoded == 6
             np.testing.assert_array_equal(_apply(session, case.prompts[0]), case.reference["previews"][0])
             assert session.add_mask_volume(3, labels) == local.add_mask_volume(3, labels) == [2, 3]

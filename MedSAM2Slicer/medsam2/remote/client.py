@@ -357,9 +357,14 @@ class RemoteSession:
             stopped_early={int(o): list(d) for o, d in run["stopped_early"].items()},
         )
 
-    def precompute_features(self, progress: Optional[ProgressCallback] = None) -> None:
-        """Encode every slice on the server now (e.g. while the user looks for the first click)."""
-        run = self._wait(self._json("POST", "/precompute"), progress, lambda: False)
+    def precompute_features(
+        self, progress: Optional[ProgressCallback] = None, from_slice: Optional[int] = None
+    ) -> None:
+        """Encode every slice on the server now (e.g. while the user looks for the first click),
+        outward from ``from_slice`` when given."""
+        query = {"from_slice": str(int(from_slice))} if from_slice is not None else None
+        started = self._json("POST", "/precompute", query=query, bad_request=InvalidPromptError)
+        run = self._wait(started, progress, lambda: False)
         if run["state"] != "done":
             raise ENGINE_ERRORS.get(run.get("error_type") or "", RemoteError)(
                 one_line(run.get("error") or "failed")

@@ -309,8 +309,16 @@ def create_app(
         summary="Encode every slice in the background (makes the first propagation faster)",
         responses=_ERRORS,
     )
-    def precompute(session_id: str, request: Request) -> RunOut:
+    def precompute(
+        session_id: str,
+        request: Request,
+        from_slice: Optional[int] = Query(
+            None, ge=0, le=MAX_SLICE_INDEX, description="encode outward from this slice (default: in order)"
+        ),
+    ) -> RunOut:
         managed = manager.get(session_id, _user(request))
+        if from_slice is not None:
+            check_slice(managed.session, from_slice)
 
         def body(session: LiveSession, run: Run) -> None:
             def progress(done: int, total: int) -> None:
@@ -320,7 +328,7 @@ def create_app(
                         "precomputation cancelled; the slices encoded so far stay cached"
                     )
 
-            session.precompute_features(progress)
+            session.precompute_features(progress, from_slice)
 
         return run_out(manager.start_run(managed, "precompute", body))
 
