@@ -358,7 +358,7 @@ def test_object_with_all_prompts_cleared_is_a_clear_error(tiny_predictor):
 
 
 def test_largest_component_removes_islands_only_in_the_run(tiny_predictor):
-    from medsam2.session import _keep_largest_component
+    from medsam2.propagation import _keep_largest_component
 
     mask = np.zeros((10, 20, 20), np.uint8)
     mask[2:8, 5:15, 5:15] = 1  # the object

@@ -224,7 +224,7 @@ class ScriptedSession:
         self._pick("vessel")
         self.log.append(("points", np.asarray(points).tolist(), list(labels)))
 
-    def propagate(self, direction, slice_range=None, stop_when_absent=None):
+    def propagate(self, direction, slice_range=None, stop_when_absent=None, mode=None):
         self.log.append(("propagate", direction, slice_range))
         return SimpleNamespace(masks={1: self.queue.pop(0).astype(np.uint8)})
 

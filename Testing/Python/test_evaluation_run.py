@@ -328,7 +328,7 @@ class ShiftedCubeSession:
     def add_points(self, obj, points, labels):
         self.prompts.append(("points", np.asarray(points).tolist(), list(labels)))
 
-    def propagate(self, direction, slice_range=None, stop_when_absent=None):
+    def propagate(self, direction, slice_range=None, stop_when_absent=None, mode=None):
         pred = np.zeros(self.shape, np.uint8)
         pred[3:7, 2:6, 2:6] = 1
         return SimpleNamespace(masks={1: pred})

@@ -88,7 +88,7 @@ class GatedEngine(RecordingEngine):
         original = session.precompute_features
         engine = self
 
-        def gated(progress=None):
+        def gated(progress=None, from_slice=None):
             def report(done, total):
                 if progress:
                     progress(done, total)
@@ -96,7 +96,7 @@ class GatedEngine(RecordingEngine):
                     engine.reached.set()
                     engine.proceed.wait(60)
 
-            return original(report)
+            return original(report, from_slice)
 
         session.precompute_features = gated
         return session

@@ -200,6 +200,12 @@ def _is_image(ds: Dataset) -> bool:
     return "PixelData" in ds and str(ds.get("SOPClassUID", "")) not in _NON_IMAGE_SOP_CLASSES
 
 
+def _is_image_class(ds: Dataset) -> bool:
+    """Whether the SOP class is one of DICOM's image storage classes (which always carry pixels)."""
+    uid = str(ds.get("SOPClassUID", ""))
+    return bool(uid) and uid not in _NON_IMAGE_SOP_CLASSES and "Image Storage" in (UID(uid).name or "")
+
+
 def _sop_name(ds: Dataset) -> str:
     uid = str(ds.get("SOPClassUID", ""))
     if uid in _NON_IMAGE_SOP_CLASSES:
@@ -264,8 +270,9 @@ def _select_series(
         )
     if others:
         p, ds = others[0]
-        if "PixelData" not in ds and str(ds.get("SOPClassUID", "")) not in _NON_IMAGE_SOP_CLASSES:
-            # an image object that stops before its pixels: a copy that ended early
+        if "PixelData" not in ds and _is_image_class(ds):
+            # an image object (CT, MR, ... Image Storage) that stops before its pixels: a copy that
+            # ended early; reports, SEGs and other non-image objects have no pixels to lose
             what = _a(_sop_name(ds))
             raise InvalidVolumeError(f"{p} is {what} file without its pixel data (truncated?); copy it again")
         raise InvalidVolumeError(

@@ -56,7 +56,7 @@ def _gzip_length(handle: BinaryIO, path: Path) -> tuple[bytes, int]:
                     head += chunk[: _NIFTI2_HEADER - len(head)]
                 total += len(chunk)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise InvalidVolumeError(f"volume {path} is truncated or corrupt ({exc}); copy it again") from None
+        raise InvalidVolumeError(f"cannot read volume {path}: truncated or corrupt ({exc}); copy it again") from None
     return head, total
 
 
@@ -75,6 +75,6 @@ def check_nifti_complete(path: Path) -> None:
     needed = _nifti_data_end(head)
     if needed is not None and size < needed:
         raise InvalidVolumeError(
-            f"volume {path} is truncated: its header calls for {needed:,} bytes, the file holds "
+            f"cannot read volume {path}: truncated, its header calls for {needed:,} bytes, the file holds "
             f"{size:,}; copy it again"
         )
