@@ -164,6 +164,18 @@ def hausdorff_distance(
     return float(max(np.percentile(to_gt, percentile), np.percentile(to_pred, percentile)))
 
 
+def checked_pair(
+    prediction: np.ndarray, ground_truth: np.ndarray, spacing: Optional[Sequence[float]], tolerance_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The masks as a boolean pair of one shape, after checking the NSD tolerance and the spacing:
+    what every surface metric checks first."""
+    if not tolerance_mm >= 0:
+        raise InvalidVolumeError(f"NSD tolerance must be a non-negative number of mm, got {tolerance_mm}")
+    pred, gt = as_bool_pair(prediction, ground_truth)
+    array_spacing(spacing, pred.ndim)
+    return pred, gt
+
+
 def normalized_surface_dice(
     prediction: np.ndarray,
     ground_truth: np.ndarray,
@@ -171,10 +183,7 @@ def normalized_surface_dice(
     tolerance_mm: float = 1.0,
 ) -> float:
     """NSD: share of both surfaces within ``tolerance_mm`` of the other; see the module notes for empties."""
-    if not tolerance_mm >= 0:
-        raise InvalidVolumeError(f"NSD tolerance must be a non-negative number of mm, got {tolerance_mm}")
-    pred, gt = as_bool_pair(prediction, ground_truth)
-    array_spacing(spacing, pred.ndim)
+    pred, gt = checked_pair(prediction, ground_truth, spacing, tolerance_mm)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
         return 1.0
@@ -192,10 +201,7 @@ def compute_metrics(
     tolerance_mm: float = 1.0,
 ) -> SegmentationMetrics:
     """All four metrics, sharing one pair of distance transforms."""
-    if not tolerance_mm >= 0:
-        raise InvalidVolumeError(f"NSD tolerance must be a non-negative number of mm, got {tolerance_mm}")
-    pred, gt = as_bool_pair(prediction, ground_truth)
-    array_spacing(spacing, pred.ndim)
+    pred, gt = checked_pair(prediction, ground_truth, spacing, tolerance_mm)
     n_pred, n_gt = int(pred.sum()), int(gt.sum())
     if n_pred and n_gt:
         to_gt, to_pred = surface_distances(pred, gt, spacing)

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from medsam2.errors import InvalidVolumeError, MedSAM2Error
-from medsam2.evaluation.metrics import array_spacing, as_bool_pair, image_diagonal_mm
+from medsam2.evaluation.metrics import array_spacing, as_bool_pair, checked_pair, image_diagonal_mm
 
 # Weight of each voxel of a 2x2x2 neighbourhood in its code: the package's encoding kernel, written as
 # the bit of offset (d0, d1, d2) so that codes index its area table the same way.
@@ -134,10 +134,7 @@ def surface_metrics(
     percent: float = 95.0,
 ) -> SurfaceMetrics:
     """Surface Dice at ``tolerance_mm`` and the area-weighted ``percent`` Hausdorff distance."""
-    if not tolerance_mm >= 0:
-        raise InvalidVolumeError(f"NSD tolerance must be a non-negative number of mm, got {tolerance_mm}")
-    pred, gt = as_bool_pair(prediction, ground_truth)
-    array_spacing(spacing, pred.ndim)
+    pred, gt = checked_pair(prediction, ground_truth, spacing, tolerance_mm)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt:
         return SurfaceMetrics(1.0, 0.0)
