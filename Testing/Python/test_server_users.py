@@ -145,7 +145,18 @@ def test_access_log_has_one_line_per_request_and_no_data(server):
     def lines() -> list[str]:
         return server.access_log.read_text().splitlines() if server.access_log.exists() else []
 
-    before = len(lines())
+    def settled() -> int:
+        """The line count once no line has arrived for 0.3 s: an earlier test's last request (this
+        module shares one server) may still be on its way to the log."""
+        count, deadline = len(lines()), time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            if len(lines()) == count:
+                break
+            count = len(lines())
+        return count
+
+    before = settled()
     with server.connection() as conn:
         sid = _create(conn, alice)  # the query carries geometry and the body the volume: neither is logged
         _request(conn, "POST", f"/sessions/{sid}/prompts", alice, {"type": "points", "object_id": 99999})
