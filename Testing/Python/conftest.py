@@ -24,6 +24,19 @@ TINY_21 = "configs/sam2.1/sam2.1_hiera_t.yaml"
 TEST_IMAGE_SIZE = 128
 
 
+def always_absent(predictor):
+    """A copy of ``predictor`` whose object score says "absent" on every tracked slice (prompted
+    slices, e.g. mask prompts, stay present), so a direction ends where --stop-when-absent says."""
+    import copy
+
+    import torch
+
+    absent = copy.deepcopy(predictor)
+    with torch.no_grad():
+        absent.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(-50.0)
+    return absent
+
+
 @pytest.fixture(scope="session")
 def tiny_predictor():
     from medsam2.models.build import build_predictor

@@ -3,15 +3,12 @@ several slices, run through the installed ``medsam2 segment`` command."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from console import run_medsam2
 
-from conftest import TEST_IMAGE_SIZE, TINY_21
+from conftest import TEST_IMAGE_SIZE, TINY_21, always_absent
 from medsam2.models.build import save_checkpoint
 
 SHAPE = (16, 40, 36)  # k, j, i
@@ -22,9 +19,7 @@ PROMPTED = (3, 12)
 def absent_checkpoint(tiny_predictor, tmp_path_factory):
     """A model whose object-score head says "absent" on every tracked slice, so --stop-when-absent
     ends each direction after K slices; prompted slices (mask prompts) are present by construction."""
-    absent = copy.deepcopy(tiny_predictor)
-    with torch.no_grad():
-        absent.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(-50.0)
+    absent = always_absent(tiny_predictor)
     path = tmp_path_factory.mktemp("ckpt") / "absent128.pt"
     save_checkpoint(path, absent)
     return path

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import always_absent
 from medsam2 import (
     DeviceUnavailableError,
     IntensityPreparation,
@@ -323,9 +323,7 @@ def test_probabilities_match_masks(tiny_predictor):
 def test_stop_when_absent_ends_a_direction(tiny_predictor):
     # A model whose object-score head always says "absent" on tracked slices; the prompted slice
     # (a mask prompt) is present by construction.
-    absent = copy.deepcopy(tiny_predictor)
-    with torch.no_grad():
-        absent.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(-50.0)
+    absent = always_absent(tiny_predictor)
     vol = blob_volume(shape=(16, 40, 36))
     painted = np.zeros((40, 36), bool)
     painted[12:28, 10:26] = True

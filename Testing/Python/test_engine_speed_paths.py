@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import always_absent
 from medsam2 import InvalidPromptError, SegmentationSession
 from medsam2.background import outward_order
 from medsam2.devices import cached_feature_dtype, enable_fast_math
@@ -173,9 +174,7 @@ def test_local_plan_helpers():
 def test_an_unchanged_correction_stops_after_three_agreeing_slices(tiny_predictor):
     # A model whose object score always says "absent" on tracked slices, so every tracked slice is
     # empty in every run and agrees with the last one (a random-weight model's masks wander).
-    absent = copy.deepcopy(tiny_predictor)
-    with torch.no_grad():
-        absent.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(-50.0)
+    absent = always_absent(tiny_predictor)
     vol = blob_volume(shape=(16, 40, 36))
     painted = np.zeros((40, 36), bool)
     painted[12:28, 10:26] = True
