@@ -154,7 +154,11 @@ def run_engine(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> dict[
         cold.add_points(2, [clicks["second_object"]], [1])
         cold.propagate()
 
-    # first_preencoded and preview: the background encoding has finished before the click
+    # first_preencoded and preview: the background encoding has finished before the click. The
+    # cold session ends first: a radiologist has one session per volume, and the reference one state.
+    out["encoded_slices"] = cold.cache_stats.encoded
+    cold.close()
+    del cold
     warm = SegmentationSession(predictor, volume, intensity="soft_tissue")
     with timer.stage("background_encoding"):
         warm.start_background_encoding(from_slice=int(clicks["positive"][2])).wait()
@@ -169,7 +173,7 @@ def run_engine(args: argparse.Namespace, volume: np.ndarray, ckpt: str) -> dict[
     out["recomputed_slices"] = recomputed  # per local correction (the first, then the three)
     out["local_vs_full_dice_this_model"] = dice(local, full)
     out["peak_memory_mb"] = peak_memory_mb(device)
-    out["encoded_slices"] = cold.cache_stats.encoded + warm.cache_stats.encoded
+    out["encoded_slices"] += warm.cache_stats.encoded
     if args.behaving:
         out["local_vs_full_dice"] = behaving_dice(args, device)
     return out

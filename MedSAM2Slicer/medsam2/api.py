@@ -25,6 +25,8 @@ ProgressCallback = Callable[[int, int], None]
 # Polled before every slice: a function returning True, or an Event that is set, cancels the run.
 CancelCheck = Union[Callable[[], bool], threading.Event]
 DIRECTIONS = ("both", "forward", "backward")
+# Run modes: "full" re-runs every selected object; "local" only what changed (medsam2.propagation_plan).
+MODES = ("full", "local")
 
 PointsIJK = Union[Sequence[Sequence[float]], np.ndarray]
 CornerIJK = Union[Sequence[float], np.ndarray]
@@ -123,9 +125,10 @@ class Session(Protocol):
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelCheck] = None,
         probabilities: bool = False,
+        mode: Optional[str] = None,
     ) -> PropagationResult:
         """Propagate each object from its prompted slices; PropagationCancelled leaves the previous
-        result in place."""
+        result in place. ``mode`` is one of MODES; None: ``local`` after the session's first run."""
         ...
 
     def close(self) -> None:

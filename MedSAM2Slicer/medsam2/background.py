@@ -16,6 +16,7 @@ import threading
 from typing import Callable, Optional
 
 from medsam2.api import ProgressCallback
+from medsam2.host_memory import release_free_host_memory
 
 
 def outward_order(start: int, num_slices: int) -> list[int]:
@@ -76,6 +77,9 @@ class BackgroundEncoding:
                     self._progress(position, total)
         except BaseException as exc:  # reported through .error; a background thread must not die silently
             self.error = exc
+        finally:
+            # This thread's malloc arena holds the encoder's transient tensors (see host_memory).
+            release_free_host_memory()
 
     @property
     def running(self) -> bool:

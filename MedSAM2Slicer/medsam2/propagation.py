@@ -15,6 +15,7 @@ import torch
 
 from medsam2.api import (
     DIRECTIONS,
+    MODES,
     CancelCheck,
     ProgressCallback,
     PropagationResult,
@@ -23,11 +24,11 @@ from medsam2.api import (
 from medsam2.devices import autocast
 from medsam2.errors import InvalidPromptError, PropagationCancelled
 from medsam2.geometry import SliceLayout
+from medsam2.host_memory import release_free_host_memory
 from medsam2.predictor import EngineVideoPredictor
 from medsam2.propagation_plan import (
     LOCAL_AGREEING_SLICES,
     LOCAL_IOU,
-    MODES,
     FrameSink,
     ObjectPass,
     RunBook,
@@ -185,6 +186,7 @@ class Propagation:
                     )
             finally:
                 state["prefetch_plan"] = None
+                release_free_host_memory()  # the run's transient tensors (see host_memory)
         if progress and book.done < book.total:
             progress(book.total, book.total)  # local passes that stopped early skip their remaining slices
 

@@ -17,7 +17,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-MODES = ("full", "local")
 LOCAL_IOU = 0.98
 LOCAL_AGREEING_SLICES = 3
 

@@ -35,6 +35,7 @@ from medsam2.devices import autocast, available_memory_bytes, cached_feature_dty
 from medsam2.errors import InvalidPromptError, MemoryBudgetError
 from medsam2.features import CacheStats, SliceFeatureCache
 from medsam2.geometry import SliceLayout, VolumeGeometry
+from medsam2.host_memory import release_free_host_memory
 from medsam2.intensity import IMAGENET_MEAN, IMAGENET_STD, IntensityPreparation, parse_intensity
 from medsam2.predictor import EngineVideoPredictor
 from medsam2.preparation import SlicePreparer
@@ -317,6 +318,7 @@ class SegmentationSession(Propagation):
         self.stop_background_encoding()
         with self._model_lock:
             self.feature_cache.clear()
+        release_free_host_memory()
 
     def _was_tracked(self, object_id: int, slice_index: int) -> bool:
         return self.predictor.was_tracked(self._state, int(object_id), slice_index)
@@ -366,6 +368,7 @@ class SegmentationSession(Propagation):
             self._encode_batch(todo[start : start + self.encode_batch_size])
             if progress:
                 progress(min(start + self.encode_batch_size, len(todo)), len(todo))
+        release_free_host_memory()
 
     def _encode_batch(self, indices: list[int]) -> bool:
         """Encode the slices of ``indices`` not cached yet, under the model lock; False when the

@@ -89,7 +89,8 @@ def _drive(session: Any, case: Case) -> dict[str, Any]:
     out: dict[str, Any] = {"previews": [_apply(session, p) for p in case.prompts]}
     out["masks"] = {o: m.copy() for o, m in session.propagate().masks.items()}
     out["correction_preview"] = _apply(session, case.correction)
-    out["corrected"] = {o: m.copy() for o, m in session.propagate(mode="full").masks.items()}
+    out["corrected"] = {o: m.copy() for o, m in session.propagate().masks.items()}  # local, as served
+    out["corrected_full"] = {o: m.copy() for o, m in session.propagate(mode="full").masks.items()}
     return out
 
 

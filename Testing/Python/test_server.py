@@ -380,9 +380,11 @@ def test_cancel_keeps_previous_masks_and_finished_slices_are_readable_while_runn
         r = client.post(f"/sessions/{sid}/prompts", headers=AUTH, json=_points_body(1, *case.correction[2:]))
         assert r.status_code == 200
 
-        gate = Gate(engine, frame=4)  # the run pauses before slice 4: slices 2 and 3 are done
+        # A full run (forward from the first prompted slice, 2) pauses before slice 4: 2 and 3 are done.
+        gate = Gate(engine, frame=4)
         try:
-            assert client.post(f"/sessions/{sid}/propagate", headers=AUTH).status_code == 202
+            full = {"mode": "full"}
+            assert client.post(f"/sessions/{sid}/propagate", headers=AUTH, json=full).status_code == 202
             assert gate.paused.wait(WAIT)
             status = client.get(f"/sessions/{sid}/propagate/status", headers=AUTH).json()
             assert status["state"] == "running" and status["done"] == 2
@@ -390,7 +392,7 @@ def test_cancel_keeps_previous_masks_and_finished_slices_are_readable_while_runn
                 one, headers = _get_mask(client, sid, 1, s)
                 fresh = headers[wire.SLICE_STATE_HEADER] == "current"
                 assert fresh == (s in (2, 3)), s
-                np.testing.assert_array_equal(one, (ref["corrected"] if fresh else ref["masks"])[1][s])
+                np.testing.assert_array_equal(one, (ref["corrected_full"] if fresh else ref["masks"])[1][s])
             whole, headers = _get_mask(client, sid, 1)
             np.testing.assert_array_equal(whole, ref["masks"][1])  # the last finished result
             assert headers[wire.RUN_STATE_HEADER] == "running"
@@ -407,16 +409,20 @@ def test_cancel_keeps_previous_masks_and_finished_slices_are_readable_while_runn
         for obj, expected in ref["masks"].items():
             np.testing.assert_array_equal(_get_mask(client, sid, obj)[0], expected)
 
-        client.post(f"/sessions/{sid}/propagate", headers=AUTH)  # after a cancel, a full run is exact
+        client.post(f"/sessions/{sid}/propagate", headers=AUTH)  # after a cancel the local run is exact
         assert _wait_run(client, sid)["state"] == "done"
         for obj, expected in ref["corrected"].items():
+            np.testing.assert_array_equal(_get_mask(client, sid, obj)[0], expected)
+        client.post(f"/sessions/{sid}/propagate", headers=AUTH, json=full)  # and so is a full one
+        assert _wait_run(client, sid)["state"] == "done"
+        for obj, expected in ref["corrected_full"].items():
             np.testing.assert_array_equal(_get_mask(client, sid, obj)[0], expected)
 
         # Closing a session mid-run: gone at once; its memory returns when its worker has stopped.
         managed = app.state.manager.get(sid)
         gate = Gate(engine, frame=3)
         try:
-            client.post(f"/sessions/{sid}/propagate", headers=AUTH)
+            client.post(f"/sessions/{sid}/propagate", headers=AUTH, json=full)  # nothing changed: full
             assert gate.paused.wait(WAIT)
             assert client.delete(f"/sessions/{sid}", headers=AUTH).status_code == 204
             assert client.get(f"/sessions/{sid}/propagate/status", headers=AUTH).status_code == 404

@@ -239,6 +239,8 @@ def _bad_requests(sid: str, data_b64: str) -> list[tuple[str, str, Any, str]]:
         ("POST", f"{base}/propagate", '{"slice_range": [3, 3]}', "no prompt between slices 3 and 3"),
         ("POST", f"{base}/propagate", '{"slice_range": [2, 3], "object_ids": [1]}', "object 1 has no prompt"),
         ("POST", f"{base}/propagate", '{"direction": "sideways"}', "direction must be"),
+        ("POST", f"{base}/propagate", '{"mode": "partial"}', "mode must be one of full, local"),
+        ("POST", f"{base}/propagate", '{"mode": 3}', "valid string"),
     ]
 
 

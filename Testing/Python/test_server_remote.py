@@ -80,11 +80,13 @@ def test_two_remote_clients_at_once_get_the_in_process_masks(predictor, cases):
                 encoded = session.cache_stats.encoded
                 correction = _apply(session, case.correction)
                 corrected = session.propagate()
+                corrected_full = session.propagate(mode="full")
                 results[name] = dict(
                     previews=previews,
                     masks=first.masks,
                     correction_preview=correction,
                     corrected=corrected.masks,
+                    corrected_full=corrected_full.masks,
                     encoded=(encoded, session.cache_stats.encoded),
                     num_slices=session.num_slices,
                     propagated=first.propagated,
@@ -104,7 +106,7 @@ def test_two_remote_clients_at_once_get_the_in_process_masks(predictor, cases):
 
     for name, case in cases.items():
         got, ref = results[name], case.reference
-        for key in ("previews", "masks", "correction_preview", "corrected"):
+        for key in ("previews", "masks", "correction_preview", "corrected", "corrected_full"):
             _assert_same(got[key], ref[key])
         assert got["encoded"] == (got["num_slices"], got["num_slices"])  # correction: no re-encoding
         assert got["object_ids"] == sorted(ref["masks"])

@@ -311,6 +311,7 @@ class RemoteSession:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelCheck] = None,
         probabilities: bool = False,
+        mode: Optional[str] = None,
     ) -> PropagationResult:
         """As SegmentationSession.propagate; the run happens on the server while this polls it.
         Raises PropagationCancelled (the previous masks stay) when ``cancel`` fires."""
@@ -331,6 +332,7 @@ class RemoteSession:
             "slice_range": list(slice_range) if slice_range is not None else None,
             "stop_when_absent": stop_when_absent,
             "object_ids": [int(o) for o in object_ids] if object_ids is not None else None,
+            "mode": mode,
         }
         cancelled = cancel_check(cancel)
         if cancelled():  # as in process: checked before the first slice
@@ -355,6 +357,7 @@ class RemoteSession:
             propagated={int(o): (int(span[0]), int(span[1])) for o, span in run["propagated"].items()},
             object_scores=scores,
             stopped_early={int(o): list(d) for o, d in run["stopped_early"].items()},
+            recomputed={int(o): [int(f) for f in r] for o, r in run.get("recomputed", {}).items()},
         )
 
     def precompute_features(

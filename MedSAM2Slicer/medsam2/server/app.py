@@ -297,6 +297,7 @@ def create_app(
                 object_ids=params.object_ids,
                 progress=progress,
                 cancel=run.cancel,
+                mode=params.mode,
             )
 
         return run_out(manager.start_run(managed, "propagate", body))

@@ -42,9 +42,6 @@ class LiveSession(SegmentationSession):
     def propagate(self, *args: Any, **kwargs: Any) -> PropagationResult:
         with self._live_lock:
             self._live = {}
-        # The HTTP API has no run mode yet (PropagateRequest would need a `mode` field): its runs
-        # stay full, as its clients and tests expect, until the API can ask for local ones.
-        kwargs.setdefault("mode", "full")
         try:
             return super().propagate(*args, **kwargs)
         finally:

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from fastapi import Request
 
-from medsam2.api import DIRECTIONS
+from medsam2.api import DIRECTIONS, MODES
 from medsam2.errors import (
     InvalidPromptError,
     InvalidVolumeError,
@@ -133,6 +133,8 @@ def check_propagate(session: LiveSession, params: PropagateRequest) -> None:
         raise InvalidPromptError(
             f"direction must be one of {', '.join(DIRECTIONS)}, got {params.direction!r}"
         )
+    if params.mode is not None and params.mode not in MODES:
+        raise InvalidPromptError(f"mode must be one of {', '.join(MODES)}, got {params.mode!r}")
     if params.stop_when_absent is not None and params.stop_when_absent < 1:
         raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {params.stop_when_absent}")
     lo, hi = session._check_range(params.slice_range)

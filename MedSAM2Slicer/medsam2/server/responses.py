@@ -77,6 +77,7 @@ def run_out(run: Optional[Run]) -> RunOut:
         out.object_ids = sorted(result.masks)
         out.propagated = {str(o): span for o, span in result.propagated.items()}
         out.stopped_early = {str(o): d for o, d in result.stopped_early.items()}
+        out.recomputed = {str(o): list(r) for o, r in result.recomputed.items()}
         out.object_scores = {
             str(o): [None if math.isnan(v) else float(v) for v in np.asarray(s, dtype=float)]
             for o, s in result.object_scores.items()

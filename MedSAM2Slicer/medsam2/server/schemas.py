@@ -75,6 +75,14 @@ class PropagateRequest(_Strict):
     object_ids: Optional[list[ObjectId]] = Field(
         default=None, description="objects to propagate (default: all)", min_length=1, max_length=MAX_OBJECT_ID + 1
     )
+    mode: Optional[str] = Field(
+        default=None,
+        description=(
+            "full (every selected object through the range) or local (only objects whose prompts "
+            "changed, outward from each changed slice until the masks agree with the previous run's); "
+            "default: local after the session's first run, as in process"
+        ),
+    )
 
 
 class RunOut(BaseModel):
@@ -88,6 +96,9 @@ class RunOut(BaseModel):
     object_ids: list[int] = Field(default_factory=list, description="objects whose masks this run produced")
     propagated: dict[str, tuple[int, int]] = Field(default_factory=dict)
     stopped_early: dict[str, list[str]] = Field(default_factory=dict)
+    recomputed: dict[str, list[int]] = Field(
+        default_factory=dict, description="slices each object's run recomputed (a local correction: fewer)"
+    )
     object_scores: dict[str, list[Optional[float]]] = Field(
         default_factory=dict, description="SAM2 object-score logit per slice (null where not visited)"
     )
