@@ -276,8 +276,11 @@ def _chunked(body: bytes, size: int = 8192) -> bytes:
     return b"".join(parts) + b"0\r\n\r\n"
 
 
-def _masks(conn: http.client.HTTPConnection, token: str, sid: str) -> dict[int, np.ndarray]:
-    status, _, data = _request(conn, "POST", f"/sessions/{sid}/propagate", token, {})
+def _propagate(
+    conn: http.client.HTTPConnection, token: str, sid: str, options: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
+    """Start a propagation with these options and poll it to the end; its final status."""
+    status, _, data = _request(conn, "POST", f"/sessions/{sid}/propagate", token, options or {})
     assert status == 202, data
     deadline = time.monotonic() + WAIT
     while True:
@@ -288,9 +291,15 @@ def _masks(conn: http.client.HTTPConnection, token: str, sid: str) -> dict[int, 
         assert time.monotonic() < deadline, "propagation never finished"
         time.sleep(0.02)
     assert run["state"] == "done", run
-    out = {}
-    for obj in run["object_ids"]:
-        status, headers, data = _request(conn, "GET", f"/sessions/{sid}/masks/{obj}", token)
-        assert status == 200
-        out[obj] = wire.decode_mask(data, wire.parse_shape(headers[wire.SHAPE_HEADER.lower()]))
-    return out
+    return dict(run)
+
+
+def _mask(conn: http.client.HTTPConnection, token: str, sid: str, obj: int) -> np.ndarray:
+    status, headers, data = _request(conn, "GET", f"/sessions/{sid}/masks/{obj}", token)
+    assert status == 200, data
+    return wire.decode_mask(data, wire.parse_shape(headers[wire.SHAPE_HEADER.lower()]))
+
+
+def _masks(conn: http.client.HTTPConnection, token: str, sid: str) -> dict[int, np.ndarray]:
+    run = _propagate(conn, token, sid)
+    return {obj: _mask(conn, token, sid, obj) for obj in run["object_ids"]}

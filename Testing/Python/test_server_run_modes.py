@@ -4,15 +4,13 @@ in-process session given the same prompts (the remote client passes the mode thr
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 import numpy as np
-from served import WAIT, _close, _create, _request
+from served import _close, _create, _mask, _propagate, _request
 
 from medsam2 import SegmentationSession
-from medsam2.remote import RemoteSession, wire
+from medsam2.remote import RemoteSession
 
 SLICES = 12  # enough slices for a local correction to stop before the volume's ends
 POSITIVE = {"type": "points", "object_id": 1, "points": [[12, 12, 6]], "labels": [1]}
@@ -24,27 +22,6 @@ def _volume() -> np.ndarray:
     vol = rng.normal(0, 5, (SLICES, 24, 24)).astype(np.int16)
     vol[2:10, 6:18, 7:19] += 200
     return vol
-
-
-def _run(conn: Any, token: str, sid: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, _, data = _request(conn, "POST", f"/sessions/{sid}/propagate", token, body)
-    assert status == 202, data
-    deadline = time.monotonic() + WAIT
-    while True:
-        status, _, data = _request(conn, "GET", f"/sessions/{sid}/propagate/status", token)
-        run = json.loads(data)
-        if run["state"] != "running":
-            break
-        assert time.monotonic() < deadline, "propagation never finished"
-        time.sleep(0.02)
-    assert run["state"] == "done", run
-    return dict(run)
-
-
-def _mask(conn: Any, token: str, sid: str, obj: int = 1) -> np.ndarray:
-    status, headers, data = _request(conn, "GET", f"/sessions/{sid}/masks/{obj}", token)
-    assert status == 200, data
-    return wire.decode_mask(data, wire.parse_shape(headers[wire.SHAPE_HEADER.lower()]))
 
 
 def _prompt(conn: Any, token: str, sid: str, prompt: dict[str, Any]) -> None:
@@ -60,18 +37,18 @@ def test_a_local_correction_recomputes_fewer_slices_and_keeps_the_rest(server, t
         firsts = {}
         for sid in (local_sid, full_sid):
             _prompt(conn, token, sid, POSITIVE)
-            first = _run(conn, token, sid, {})  # the first run of a session is always full
+            first = _propagate(conn, token, sid, {})  # the first run of a session is always full
             assert first["recomputed"] == {"1": list(range(SLICES))}
-            firsts[sid] = _mask(conn, token, sid)
+            firsts[sid] = _mask(conn, token, sid, 1)
             _prompt(conn, token, sid, NEGATIVE)
         np.testing.assert_array_equal(firsts[local_sid], firsts[full_sid])
 
-        local = _run(conn, token, local_sid, {})  # default after the first run: local, as in process
-        full = _run(conn, token, full_sid, {"mode": "full"})
+        local = _propagate(conn, token, local_sid, {})  # default after the first run: local, as in process
+        full = _propagate(conn, token, full_sid, {"mode": "full"})
         assert full["recomputed"] == {"1": list(range(SLICES))}
         recomputed = local["recomputed"]["1"]
         assert 8 in recomputed and len(recomputed) < SLICES, recomputed
-        local_mask, full_mask = _mask(conn, token, local_sid), _mask(conn, token, full_sid)
+        local_mask, full_mask = _mask(conn, token, local_sid, 1), _mask(conn, token, full_sid, 1)
         kept = [k for k in range(SLICES) if k not in recomputed]
         np.testing.assert_array_equal(local_mask[kept], firsts[local_sid][kept])
         np.testing.assert_array_equal(local_mask[8], full_mask[8])  # the corrected slice itself
