@@ -24,14 +24,14 @@ TINY_21 = "configs/sam2.1/sam2.1_hiera_t.yaml"
 TEST_IMAGE_SIZE = 128
 
 
-def always_absent(predictor):
-    """A copy of ``predictor`` whose object score says "absent" on every tracked slice (prompted
+def always_absent(model):
+    """A copy of ``model`` (a predictor) whose object score says "absent" on every tracked slice (prompted
     slices, e.g. mask prompts, stay present), so a direction ends where --stop-when-absent says."""
     import copy
 
     import torch
 
-    absent = copy.deepcopy(predictor)
+    absent = copy.deepcopy(model)
     with torch.no_grad():
         absent.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(-50.0)
     return absent
@@ -64,3 +64,7 @@ def mni_volume():
 
 # `medsam2 serve` as users start it (served.py): module-scoped, so each server test file gets its own.
 from served import checkpoint, server, users_file  # noqa: E402, F401
+
+# The server tests' model and phantom cases (server_cases.py), module-scoped too; a test module's own
+# `predictor` or `cases` fixture takes precedence.
+from server_cases import cases, predictor  # noqa: E402, F401

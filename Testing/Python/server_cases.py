@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
 from medsam2.geometry import VolumeGeometry
+from medsam2.models.build import build_predictor
 from medsam2.remote import (
     RemoteSession,
     wire,
@@ -98,16 +100,31 @@ def reference_cases(predictor) -> dict[str, Case]:
     """Each case run once in process: the reference every server result must equal exactly."""
     out = {"a": _case_a(), "b": _case_b()}
     for case in out.values():
-        session = SegmentationSession(
-            predictor,
-            case.volume,
-            case.geometry,
-            axis=case.axis,
-            intensity=case.intensity,
-            memory_budget_bytes=1 << 30,
-        )
-        case.reference = _drive(session, case)
+        case.reference = _drive(in_process_session(predictor, case), case)
     return out
+
+
+def in_process_session(predictor, case: Case) -> SegmentationSession:
+    """The case's volume in an in-process session opened as the server opens it."""
+    return SegmentationSession(
+        predictor,
+        case.volume,
+        case.geometry,
+        axis=case.axis,
+        intensity=case.intensity,
+        memory_budget_bytes=1 << 30,
+    )
+
+
+# Module-scoped fixtures (import them into a test module): each server test file gets its own model.
+@pytest.fixture(scope="module")
+def predictor():
+    return build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cases(predictor) -> dict[str, Case]:
+    return reference_cases(predictor)
 
 
 # ----------------------------------------------------------------------------- helpers

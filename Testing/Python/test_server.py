@@ -18,7 +18,6 @@ from server_cases import (  # cases, helpers and constants shared by the server 
     MODEL,
     TOKEN,
     WAIT,
-    Case,
     FakeClock,
     Gate,
     _app,
@@ -30,7 +29,6 @@ from server_cases import (  # cases, helpers and constants shared by the server 
     _query,
     _upload,
     _wait_run,
-    reference_cases,
 )
 
 from medsam2.cli.main import build_parser
@@ -38,23 +36,12 @@ from medsam2.cli.main import main as cli_main
 from medsam2.errors import (
     ModelError,
 )
-from medsam2.models.build import build_predictor
 from medsam2.remote import (
     wire,
 )
 from medsam2.server import serve
 from medsam2.server.app import create_app
 from medsam2.server.settings import TOKEN_ENV, ServerConfigError, ServerSettings
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    return build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
-
-
-@pytest.fixture(scope="module")
-def cases(predictor) -> dict[str, Case]:
-    return reference_cases(predictor)
 
 
 # ----------------------------------------------------------------------------- auth and schema

@@ -14,7 +14,6 @@ import torch
 from console import run_medsam2
 from server_cases import live_server
 
-from medsam2.models.build import build_predictor
 from medsam2.remote import RemoteSession
 from medsam2.server.app import create_app
 from medsam2.server.placement import DevicePlacement, parse_devices
@@ -24,11 +23,6 @@ from medsam2.server.settings import ServerSettings
 TOKEN = secrets.token_urlsafe(32)
 MODEL = "tiny-test"
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    return build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
 
 
 def two_cpu_devices(predictor: Any, free: dict[int, int], budget: int) -> tuple[dict[str, Any], list[tuple]]:

@@ -29,8 +29,8 @@ from server_cases import (  # cases, helpers and constants shared by the server 
     _points_body,
     _remote,
     _settings,
+    in_process_session,
     live_server,
-    reference_cases,
 )
 
 from medsam2.errors import (
@@ -40,7 +40,6 @@ from medsam2.errors import (
     ModelError,
     PropagationCancelled,
 )
-from medsam2.models.build import build_predictor
 from medsam2.remote import (
     AuthenticationError,
     RemoteSession,
@@ -52,17 +51,6 @@ from medsam2.remote import (
 )
 from medsam2.server.app import create_app
 from medsam2.server.locking import FairLock, SerialisedPredictor
-from medsam2.session import SegmentationSession
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    return build_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", image_size=128, seed=0)
-
-
-@pytest.fixture(scope="module")
-def cases(predictor) -> dict[str, Case]:
-    return reference_cases(predictor)
 
 
 def test_two_remote_clients_at_once_get_the_in_process_masks(predictor, cases):
@@ -300,14 +288,7 @@ def test_tls_with_a_self_signed_certificate_and_the_rest_of_the_session_interfac
     cert, key = _self_signed(tmp_path)
     case = cases["a"]
     app = create_app(_settings(tls_certfile=cert, tls_keyfile=key), lambda name: predictor)
-    local = SegmentationSession(
-        predictor,
-        case.volume,
-        case.geometry,
-        axis=case.axis,
-        intensity=case.intensity,
-        memory_budget_bytes=1 << 30,
-    )
+    local = in_process_session(predictor, case)
     labels = np.zeros(case.volume.shape, np.uint8)
     labels[2:4, 15:25, 18:30] = 1
     with live_server(app, certfile=cert, keyfile=key) as url:
