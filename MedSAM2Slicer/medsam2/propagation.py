@@ -104,19 +104,7 @@ class Propagation:
         the previous run's (see :mod:`medsam2.propagation_plan`). An object never propagated before
         is always run in full. ``result.recomputed`` lists the slices each object's run recomputed.
         """
-        if direction not in DIRECTIONS:
-            raise InvalidPromptError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
-        if mode is not None and mode not in MODES:
-            raise InvalidPromptError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if stop_when_absent is not None and stop_when_absent < 1:
-            raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {stop_when_absent}")
-        lo, hi = self._check_range(slice_range)
-        if not self.object_ids:
-            raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
-        selected = [int(o) for o in (object_ids if object_ids is not None else self.object_ids)]
-        for o in selected:
-            if o not in self._state["obj_id_to_idx"]:
-                raise InvalidPromptError(f"unknown object id {o}")
+        lo, hi, selected = self.check_run(direction, slice_range, stop_when_absent, object_ids, mode)
         is_cancelled = cancel_check(cancel)
         if mode is None:
             mode = "local" if self._runs > 0 else "full"
@@ -341,6 +329,32 @@ class Propagation:
         if not (0 <= lo <= hi < self.num_slices):
             raise InvalidPromptError(f"slice range {lo}:{hi} is outside 0:{self.num_slices - 1} or reversed")
         return lo, hi
+
+    def check_run(
+        self,
+        direction: str = "both",
+        slice_range: Optional[tuple[int, int]] = None,
+        stop_when_absent: Optional[int] = None,
+        object_ids: Optional[Sequence[int]] = None,
+        mode: Optional[str] = None,
+    ) -> tuple[int, int, list[int]]:
+        """What propagate checks before its first slice, each a one-line InvalidPromptError: the
+        options, the slice range and the objects. Returns the range and the selected objects (the
+        server calls it to answer a 400 before it starts a run)."""
+        if direction not in DIRECTIONS:
+            raise InvalidPromptError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        if mode is not None and mode not in MODES:
+            raise InvalidPromptError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if stop_when_absent is not None and stop_when_absent < 1:
+            raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {stop_when_absent}")
+        lo, hi = self._check_range(slice_range)
+        if not self.object_ids:
+            raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
+        selected = [int(o) for o in (object_ids if object_ids is not None else self.object_ids)]
+        for o in selected:
+            if o not in self._state["obj_id_to_idx"]:
+                raise InvalidPromptError(f"unknown object id {o}")
+        return lo, hi, selected
 
     def _track(self, object_id: int, frame: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One object on one slice, exactly as SAM2VideoPredictor.propagate_in_video does it (logits

@@ -9,7 +9,6 @@ from typing import Any, Optional, Union
 import numpy as np
 from fastapi import Request
 
-from medsam2.api import DIRECTIONS, MODES
 from medsam2.errors import (
     InvalidPromptError,
     InvalidVolumeError,
@@ -129,24 +128,12 @@ def apply_prompt(session: LiveSession, prompt: Union[PointsPrompt, BoxPrompt, Ma
 
 def check_propagate(session: LiveSession, params: PropagateRequest) -> None:
     """The engine's own up-front checks, answered now as a 400 rather than later as a failed run."""
-    if params.direction not in DIRECTIONS:
-        raise InvalidPromptError(
-            f"direction must be one of {', '.join(DIRECTIONS)}, got {params.direction!r}"
-        )
-    if params.mode is not None and params.mode not in MODES:
-        raise InvalidPromptError(f"mode must be one of {', '.join(MODES)}, got {params.mode!r}")
-    if params.stop_when_absent is not None and params.stop_when_absent < 1:
-        raise InvalidPromptError(f"stop_when_absent must be at least 1 slice, got {params.stop_when_absent}")
-    lo, hi = session._check_range(params.slice_range)
-    known = session.object_ids
-    if not known:
-        raise InvalidPromptError("no prompts: add points, a box or a mask on a slice first")
-    for o in params.object_ids or []:
-        if o not in known:
-            raise InvalidPromptError(f"unknown object id {o}")
+    lo, hi, selected = session.check_run(
+        params.direction, params.slice_range, params.stop_when_absent, params.object_ids, params.mode
+    )
     # The engine finds this only once the run has started; a client is better told now.
     state = session._state
-    for o in params.object_ids or known:
+    for o in selected:
         idx = state["obj_id_to_idx"][o]
         prompted = set(state["point_inputs_per_obj"].get(idx, {})) | set(state["mask_inputs_per_obj"].get(idx, {}))
         if not any(lo <= f <= hi for f in prompted):
