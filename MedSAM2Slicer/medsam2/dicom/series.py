@@ -347,18 +347,9 @@ def _slice_records(files: Sequence[Path], datasets: Sequence[Dataset]) -> list[_
                     f"{path} ({_sop_name(ds)}) has no ImagePositionPatient/ImageOrientationPatient: "
                     "not a cross-sectional image (CT/MR-like) that can be stacked into a volume"
                 )
-            iop = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", where)
-            slope, intercept = _rescale(ds)
             slices.append(
-                _Slice(
-                    index,
-                    None,
-                    _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", where),
-                    _unit(iop[:3], where),
-                    _unit(iop[3:], where),
-                    _pixel_spacing(ds.get("PixelSpacing"), where),
-                    slope,
-                    intercept,
+                _plane(
+                    index, None, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.get("PixelSpacing"), ds, where
                 )
             )
             continue
@@ -371,22 +362,33 @@ def _slice_records(files: Sequence[Path], datasets: Sequence[Dataset]) -> list[_
                 raise InvalidVolumeError(
                     f"{fwhere} has no plane position/orientation/pixel measures in its functional groups"
                 )
-            iop = _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", fwhere)
             transform = _group_item(ds, f, "PixelValueTransformationSequence")
-            slope, intercept = _rescale(transform if transform is not None else ds)
+            rescaled = transform if transform is not None else ds
             slices.append(
-                _Slice(
-                    index,
-                    f,
-                    _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", fwhere),
-                    _unit(iop[:3], fwhere),
-                    _unit(iop[3:], fwhere),
-                    _pixel_spacing(measures.get("PixelSpacing"), fwhere),
-                    slope,
-                    intercept,
-                )
+                _plane(
+                    index, f, pos.ImagePositionPatient, ori.ImageOrientationPatient, measures.get("PixelSpacing"),
+                    rescaled, fwhere,
+                )  # fmt: skip
             )
     return slices
+
+
+def _plane(
+    index: int, frame: Optional[int], position: Any, orientation: Any, spacing: Any, rescaled: Any, where: str
+) -> _Slice:
+    """One image plane, from a single-frame file's own attributes or a frame's functional groups."""
+    iop = _floats(orientation, 6, "ImageOrientationPatient", where)
+    slope, intercept = _rescale(rescaled)
+    return _Slice(
+        index,
+        frame,
+        _floats(position, 3, "ImagePositionPatient", where),
+        _unit(iop[:3], where),
+        _unit(iop[3:], where),
+        _pixel_spacing(spacing, where),
+        slope,
+        intercept,
+    )
 
 
 def _unit(v: np.ndarray, where: str) -> np.ndarray:
