@@ -207,8 +207,7 @@ def test_the_remote_panel_imports_without_torch_or_sam2():
         "engine = remote_settings.engineFor(remote_settings.ServerSettings('https://gpu.example:8765', 't'))\n"
         "assert type(engine).__name__ == 'RemoteEngineClient'\n"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _run_with_the_module_on_path(code)
 
 
 def test_nothing_heavy_is_imported_before_the_dependency_check():
@@ -219,7 +218,7 @@ def test_nothing_heavy_is_imported_before_the_dependency_check():
         "heavy = [m for m in ('torch', 'sam2', 'medsam2', 'slicer') if m in sys.modules];"
         "assert not heavy, heavy"
     )
-    subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], check=True, timeout=120)
+    _run_with_the_module_on_path(code)
 
 
 def test_the_self_test_skips_with_its_reason_in_the_method_ctest_calls():
@@ -256,8 +255,7 @@ def test_one_logic_class_and_the_lib_reloads(monkeypatch):
         "assert logic.PanelLogic is not old_logic and writer.SegmentWriter is not old_writer\n"
         "assert names.index('MedSAM2SlicerLib.writer') < names.index('MedSAM2SlicerLib.logic'), names\n"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _run_with_the_module_on_path(code)
     listed = {f"MedSAM2SlicerLib.{n}" for n in reloading_order()}
     present = {
         f"MedSAM2SlicerLib.{p.stem}"
@@ -298,3 +296,9 @@ def test_module_compiles_and_cmake_lists_every_script_and_resource():
         "Resources/requirements-remote.txt",
     ):
         assert resource in module_cmake and (MODULE_DIR / resource).is_file(), resource
+
+
+def _run_with_the_module_on_path(code: str) -> None:
+    """``code`` in a fresh interpreter, given the module folder as argv[1]; it must exit 0."""
+    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
